@@ -1,0 +1,234 @@
+"""The audit trail: every LLM call and every decision, with its reason, lands in the warehouse.
+
+Promise 4 (nothing happens silently) is kept here. Events are buffered in memory and written in
+batches (a row per call would cost a DuckDB write each). When the warehouse stays locked by another
+process, the batch is spooled to a JSON-lines file beside it and ingested by the next flush that
+gets the lock, so an event is never dropped and a lock error never reaches the operator. Ingestion
+is idempotent (events carry their own ids), so a crash between insert and spool cleanup is
+harmless. Known secret values are redacted before anything is buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from aios_dagster.warehouse import Warehouse, WarehouseBusy
+
+REDACTED = "[redacted]"
+
+
+def new_id(prefix: str) -> str:
+    """A unique, sortable-enough id for events and calls."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class StepContext(BaseModel):
+    """Where an event happened: which workflow, work item (partition), step and Dagster run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    workflow: str
+    step: str
+    partition_key: str | None = None
+    run_id: str | None = None
+
+
+Tier = Literal["rules", "draft", "verify"]
+
+
+class LLMCallRecord(BaseModel):
+    """One model call (or one rules-tier stand-in for it), priced and timed."""
+
+    call_id: str = Field(default_factory=lambda: new_id("call"))
+    occurred_at: datetime = Field(default_factory=_now)
+    workflow: str
+    partition_key: str | None
+    step: str
+    role: str
+    tier: Tier
+    model: str
+    status: Literal["ok", "error"]
+    prompt: str
+    output: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    error: str | None = None
+    run_id: str | None
+
+
+EventKind = Literal["decision", "quarantine", "approval", "effect", "fallback"]
+
+
+class AuditEvent(BaseModel):
+    """A decision with its reason: what was decided about which subject, by whom, and why."""
+
+    event_id: str = Field(default_factory=lambda: new_id("evt"))
+    occurred_at: datetime = Field(default_factory=_now)
+    kind: EventKind
+    workflow: str
+    partition_key: str | None = None
+    step: str | None = None
+    actor: str
+    subject: str
+    decision: str
+    reason: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+    run_id: str | None = None
+
+
+class Redactor:
+    """Replaces known secret values wherever they appear in audited text."""
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        self._secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def scrub(self, value: Any) -> Any:
+        """Redact recursively inside dicts and lists."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {k: self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.scrub(v) for v in value]
+        return value
+
+
+class AuditLog:
+    """Buffered writer of audit rows into the warehouse, with a spool for lock contention."""
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        spool_dir: Path,
+        *,
+        redactor: Redactor | None = None,
+        flush_wait_seconds: float = 10.0,
+    ) -> None:
+        self.warehouse = warehouse
+        self.spool_dir = spool_dir
+        self.redactor = redactor or Redactor()
+        self.flush_wait_seconds = flush_wait_seconds
+        self._calls: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def record_call(self, record: LLMCallRecord) -> None:
+        """Buffer one LLM call row."""
+        row = record.model_dump()
+        row["prompt"] = self.redactor(row["prompt"])
+        row["output"] = self.redactor(row["output"])
+        row["error"] = self.redactor(row["error"])
+        with self._lock:
+            self._calls.append(row)
+
+    def record(self, event: AuditEvent) -> None:
+        """Buffer one decision/quarantine/approval/effect event."""
+        row = event.model_dump()
+        row["reason"] = self.redactor(row["reason"])
+        row["detail"] = json.dumps(self.redactor.scrub(row["detail"]), default=str)
+        with self._lock:
+            self._events.append(row)
+
+    def pending(self) -> int:
+        """Rows buffered and not yet flushed."""
+        with self._lock:
+            return len(self._calls) + len(self._events)
+
+    def flush(self) -> None:
+        """Write buffered rows (and any spooled rows) to the warehouse, or spool them."""
+        with self._lock:
+            calls, self._calls = self._calls, []
+            events, self._events = self._events, []
+        if not calls and not events and not self._spooled_files():
+            return
+        original_wait = self.warehouse.lock_wait_seconds
+        self.warehouse.lock_wait_seconds = self.flush_wait_seconds
+        try:
+            self._ingest_spool()
+            self.warehouse.insert_rows("audit.llm_calls", calls)
+            self.warehouse.insert_rows("audit.events", events)
+        except WarehouseBusy:
+            self._spool(calls, events)
+        finally:
+            self.warehouse.lock_wait_seconds = original_wait
+
+    def _spooled_files(self) -> list[Path]:
+        if not self.spool_dir.exists():
+            return []
+        return sorted(self.spool_dir.glob("*.jsonl"))
+
+    def _spool(self, calls: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+        if not calls and not events:
+            return
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{_now():%Y%m%dT%H%M%S}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        partial = self.spool_dir / f"{name}.partial"
+        with partial.open("w", encoding="utf-8") as handle:
+            for row in calls:
+                handle.write(json.dumps({"table": "audit.llm_calls", "row": row}, default=str))
+                handle.write("\n")
+            for row in events:
+                handle.write(json.dumps({"table": "audit.events", "row": row}, default=str))
+                handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        partial.rename(self.spool_dir / f"{name}.jsonl")
+
+    def _reclaim_abandoned(self) -> None:
+        """Spool files claimed by a process that died mid-ingest go back in the queue."""
+        for claimed in self.spool_dir.glob("*.ingesting-*"):
+            pid = int(claimed.suffix.rsplit("-", 1)[-1])
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                claimed.rename(claimed.with_suffix(".jsonl"))
+            except PermissionError:
+                continue
+
+    def _ingest_spool(self) -> None:
+        if self.spool_dir.exists():
+            self._reclaim_abandoned()
+        for path in self._spooled_files():
+            claimed = path.with_suffix(f".ingesting-{os.getpid()}")
+            try:
+                path.rename(claimed)
+            except FileNotFoundError:
+                continue  # another process took it
+            tables: dict[str, list[dict[str, Any]]] = {"audit.llm_calls": [], "audit.events": []}
+            for line in claimed.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    item = json.loads(line)
+                    row = item["row"]
+                    row["occurred_at"] = datetime.fromisoformat(row["occurred_at"])
+                    tables[item["table"]].append(row)
+            try:
+                for table, rows in tables.items():
+                    self.warehouse.insert_rows(table, rows)
+            except WarehouseBusy:
+                claimed.rename(path)
+                raise
+            claimed.unlink()

@@ -1,0 +1,361 @@
+"""The operator's configuration: one YAML file, validated before anything runs.
+
+Every key has a default, so an empty file (or no file at all) is a valid configuration that runs
+offline on the rules tier. A bad value stops with a message that names the key and says what is
+wrong. Secrets never live here: the file names environment variables, the process reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+CONFIG_ENV_VAR = "AIOS_CONFIG"
+"""Environment variable naming the operator config file; `./aios.yaml` is read when unset."""
+
+DEFAULT_CONFIG_FILE = "aios.yaml"
+
+ENV_VAR_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+EmailAddress = Annotated[
+    str,
+    Field(pattern=r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[A-Za-z0-9-]{2,}$", max_length=254),
+]
+"""An address without display name: enough to catch typos; the SMTP server has the last word."""
+
+
+class ConfigError(ValueError):
+    """The operator config is unreadable or invalid; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OperatorIdentity(_Section):
+    """Who runs this company: used as the default approver and as the asset owner."""
+
+    name: str = "Operator"
+    email: EmailAddress = "operator@example.com"
+
+
+class ModelPrice(_Section):
+    """US dollars per million tokens; a model without a price cannot be called."""
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+
+
+class ModelTier(_Section):
+    """One named tier of model quality and cost (draft, verify)."""
+
+    model: str = Field(min_length=1)
+    max_output_tokens: int = Field(default=1500, ge=16, le=200_000)
+    temperature: float = Field(default=0.2, ge=0, le=2)
+
+
+class Endpoint(_Section):
+    """An OpenAI-compatible endpoint (OpenAI, Ollama, vLLM, llama.cpp server)."""
+
+    base_url: str | None = Field(
+        default=None,
+        description="Leave empty to run every role on the rules tier, offline.",
+    )
+    api_key_env: str = Field(
+        default="AIOS_LLM_API_KEY",
+        description="Name of the environment variable holding the API key.",
+    )
+    timeout_seconds: float = Field(default=60.0, gt=0, le=1800)
+    max_retries: int = Field(default=2, ge=0, le=10)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:11434/v1")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_VAR_NAME.match(value):
+            raise ValueError("must be the NAME of an environment variable, not a key")
+        return value
+
+
+TierName = Literal["rules", "draft", "verify"]
+
+DEFAULT_PRICES: dict[str, ModelPrice] = {
+    "gpt-4o-mini": ModelPrice(input_per_million=0.15, output_per_million=0.60),
+    "gpt-4o": ModelPrice(input_per_million=2.50, output_per_million=10.00),
+    "gpt-4.1-mini": ModelPrice(input_per_million=0.40, output_per_million=1.60),
+    "gpt-4.1": ModelPrice(input_per_million=2.00, output_per_million=8.00),
+}
+
+
+class LLMSettings(_Section):
+    """Where models live, which model each tier uses, what each costs, and which tier a role uses."""
+
+    endpoint: Endpoint = Endpoint()
+    tiers: dict[Literal["draft", "verify"], ModelTier] = Field(
+        default_factory=lambda: {
+            "draft": ModelTier(model="gpt-4o-mini"),
+            "verify": ModelTier(model="gpt-4o", max_output_tokens=2000),
+        }
+    )
+    roles: dict[str, TierName] = Field(
+        default_factory=lambda: {"planner": "draft", "drafter": "draft"},
+        description="Tier per agent role; a role not listed runs on the draft tier.",
+    )
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _every_tier_is_priced(self) -> LLMSettings:
+        for tier_name, tier in self.tiers.items():
+            if tier.model not in self.price_table():
+                raise ValueError(
+                    f"tiers.{tier_name}.model '{tier.model}' has no price: add it under "
+                    "llm.prices (a model that cannot be priced is never called)"
+                )
+        return self
+
+    def price_table(self) -> dict[str, ModelPrice]:
+        """Built-in prices overlaid with the operator's own."""
+        return {**DEFAULT_PRICES, **self.prices}
+
+    def tier_for_role(self, role: str) -> TierName:
+        """The tier a role runs on: its configured tier, or rules when no endpoint is set."""
+        if self.endpoint.base_url is None:
+            return "rules"
+        return self.roles.get(role, "draft")
+
+
+class Cadence(_Section):
+    """When the weekly issue is prepared (the schedule); the operator approves before it ships."""
+
+    day_of_week: Literal[
+        "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"
+    ] = "monday"
+    hour: int = Field(default=7, ge=0, le=23)
+    minute: int = Field(default=0, ge=0, le=59)
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone '{value}'") from exc
+        return value
+
+    @property
+    def day_number(self) -> int:
+        """Cron day of week (0 = Sunday)."""
+        days = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
+        return days.index(self.day_of_week)
+
+
+class Audience(_Section):
+    """Who reads the newsletter; interests steer what research keeps and how topics rank."""
+
+    description: str = "Solo founders and indie makers building small, profitable software."
+    interests: list[str] = Field(
+        default_factory=lambda: [
+            "pricing",
+            "indie",
+            "bootstrapped",
+            "saas",
+            "newsletter",
+            "automation",
+            "ai",
+            "growth",
+        ]
+    )
+
+
+class LengthBounds(_Section):
+    """Editorial QA: the issue's word count must fall between these bounds."""
+
+    min_words: int = Field(default=120, ge=1)
+    max_words: int = Field(default=2500, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LengthBounds:
+        if self.min_words > self.max_words:
+            raise ValueError("min_words must not exceed max_words")
+        return self
+
+
+class NewsletterSettings(_Section):
+    """The weekly newsletter workflow: its sources, audience, shape and where it is published."""
+
+    title: str = "The Weekly Signal"
+    feeds: list[str] = Field(
+        default_factory=list,
+        description="RSS/Atom feeds: http(s) URLs or local file paths.",
+    )
+    notes_dir: Path | None = Field(
+        default=None, description="A folder of Markdown notes the operator wants covered."
+    )
+    cadence: Cadence = Cadence()
+    audience: Audience = Audience()
+    max_items: int = Field(default=6, ge=1, le=50)
+    length: LengthBounds = LengthBounds()
+    required_sections: list[str] = Field(default_factory=lambda: ["Top stories", "Sources"])
+    no_repeat_issues: int = Field(
+        default=4, ge=0, le=52, description="A topic may not repeat within this many past issues."
+    )
+    feed_timeout_seconds: float = Field(default=20.0, gt=0, le=300)
+    max_feed_bytes: int = Field(default=5_000_000, ge=1_000)
+    site_dir: Path = Field(default=Path("site"), description="Relative paths sit in state_dir.")
+    site_url: str = "http://localhost:8000/"
+    subscribers: list[EmailAddress] = Field(default_factory=list)
+    subscribers_file: Path | None = Field(
+        default=None, description="A text or CSV file with one subscriber email per line."
+    )
+
+    @field_validator("feeds")
+    @classmethod
+    def _feed_locations(cls, feeds: list[str]) -> list[str]:
+        for feed in feeds:
+            if not feed.strip():
+                raise ValueError("a feed location is empty")
+            if "://" in feed and not re.match(r"^(https?|file)://", feed):
+                raise ValueError(f"'{feed}' must be an http(s) URL or a local path")
+        return feeds
+
+    @field_validator("site_url")
+    @classmethod
+    def _site_url(cls, value: str) -> str:
+        if not re.match(r"^https?://", value):
+            raise ValueError("must be an http(s) URL")
+        return value if value.endswith("/") else value + "/"
+
+
+class SmtpSettings(_Section):
+    """Outgoing mail. Present only when the operator wants email delivery."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=587, ge=1, le=65535)
+    starttls: bool = True
+    username: str | None = None
+    password_env: str = "AIOS_SMTP_PASSWORD"
+    from_address: EmailAddress = "newsletter@example.com"
+    timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+
+    @field_validator("password_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_VAR_NAME.match(value):
+            raise ValueError("must be the NAME of an environment variable, not a password")
+        return value
+
+
+class AiosConfig(_Section):
+    """The whole operator configuration."""
+
+    state_dir: Path = Field(
+        default=Path(".aios"),
+        description="Ledger, warehouse, staged payloads, artifacts. Relative to the config file.",
+    )
+    operator: OperatorIdentity = OperatorIdentity()
+    llm: LLMSettings = LLMSettings()
+    newsletter: NewsletterSettings = NewsletterSettings()
+    smtp: SmtpSettings | None = None
+
+    base_dir: Annotated[Path, Field(exclude=True)] = Path()
+    """Directory relative paths are resolved against (the config file's folder)."""
+
+    def resolve(self, path: Path) -> Path:
+        """A config path made absolute against the config file's folder."""
+        expanded = path.expanduser()
+        return expanded if expanded.is_absolute() else (self.base_dir / expanded).resolve()
+
+    @property
+    def state_path(self) -> Path:
+        """Absolute state directory."""
+        return self.resolve(self.state_dir)
+
+    @property
+    def site_path(self) -> Path:
+        """Absolute site output folder; relative values live inside the state directory."""
+        site = self.newsletter.site_dir.expanduser()
+        return site if site.is_absolute() else (self.state_path / site).resolve()
+
+    def feed_locations(self) -> list[str]:
+        """Feeds with local paths resolved; URLs as given."""
+        out: list[str] = []
+        for feed in self.newsletter.feeds:
+            if re.match(r"^https?://", feed):
+                out.append(feed)
+            else:
+                out.append(str(self.resolve(Path(feed.removeprefix("file://")))))
+        return out
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"invalid operator config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see aios.yaml in the repository)"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "(inline)", base_dir: Path | None = None) -> AiosConfig:
+    """Validate already-loaded YAML data; raises ConfigError naming each bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid operator config {source}: the top level must be a mapping")
+    try:
+        config = AiosConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+    return config.model_copy(update={"base_dir": (base_dir or Path.cwd()).resolve()})
+
+
+def config_path_from_env() -> Path | None:
+    """The config file to read: $AIOS_CONFIG, else ./aios.yaml if present, else none."""
+    named = os.environ.get(CONFIG_ENV_VAR)
+    if named:
+        return Path(named).expanduser().resolve()
+    local = Path.cwd() / DEFAULT_CONFIG_FILE
+    return local.resolve() if local.exists() else None
+
+
+def load_config(path: Path | None = None) -> AiosConfig:
+    """Read and validate the operator config; no file means all defaults."""
+    path = path if path is not None else config_path_from_env()
+    if path is None:
+        return parse_config({}, source="(defaults)", base_dir=Path.cwd())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"operator config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read operator config {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"operator config {path} is not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path), base_dir=path.parent)

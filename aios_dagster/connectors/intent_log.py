@@ -1,0 +1,306 @@
+"""The intent log: every side effect is claimed and recorded before the provider is called.
+
+Promise 2 (effects happen once) is kept here, in the shape of Stripe-style idempotency keys with
+recovery points: claim the key (in_flight, with a lease naming this process), call the provider
+with the key, record the outcome. A retry that finds the key succeeded replays the recorded
+outcome; one that finds it in flight under a dead owner asks the provider (reconciliation) and
+marks the effect for the operator when the provider cannot answer, never resending blindly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+
+from aios_dagster.audit import AuditEvent, AuditLog, StepContext
+from aios_dagster.connectors.base import (
+    Connector,
+    EffectFailed,
+    EffectRequest,
+    OutcomeUnknowable,
+    OutcomeUnknown,
+    Receipt,
+)
+from aios_dagster.crashpoints import crash_point
+from aios_dagster.ledger import Ledger, utc_now
+
+IntentState = Literal["awaiting_approval", "in_flight", "succeeded", "failed", "needs_operator"]
+
+_PROCESS_TOKEN = uuid.uuid4().hex[:8]
+
+
+def lease_owner() -> str:
+    """This process, as a lease holder: host, pid and a per-process token."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_PROCESS_TOKEN}"
+
+
+def _owner_is_dead(owner: str | None) -> bool:
+    if not owner:
+        return True
+    host, _, rest = owner.partition(":")
+    pid_text, _, token = rest.partition(":")
+    if host != socket.gethostname():
+        return False  # cannot see another machine's processes: wait for the lease to expire
+    if int(pid_text) == os.getpid():
+        return token != _PROCESS_TOKEN
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class EffectOutcome(BaseModel):
+    """How an effect ended for this caller."""
+
+    key: str
+    state: IntentState
+    provider_id: str | None
+    replayed: bool = False
+    reconciled: bool = False
+    detail: dict[str, object] = {}
+
+
+class EffectNeedsOperator(RuntimeError):
+    """The effect's outcome cannot be known; the operator must look before anything is resent."""
+
+
+class EffectInProgress(RuntimeError):
+    """Another live process holds this effect; try again later."""
+
+
+class IntentLog:
+    """Runs side effects through the ledger so that each happens at most once, and is known."""
+
+    def __init__(
+        self, ledger: Ledger, audit: AuditLog, *, lease: timedelta = timedelta(minutes=10)
+    ) -> None:
+        self.ledger = ledger
+        self.audit = audit
+        self.lease = lease
+
+    def plan(self, request: EffectRequest, connector: str, *, run_id: str | None) -> None:
+        """Record an effect that waits for approval (no-op if the key is already known)."""
+        now = utc_now()
+        with self.ledger.transaction() as tx:
+            exists = tx.execute(
+                sa.text("SELECT 1 FROM intents WHERE idempotency_key = :k"), {"k": request.key}
+            ).first()
+            if exists:
+                return
+            tx.execute(
+                sa.text(
+                    "INSERT INTO intents (idempotency_key, workflow, item_key, action, target,"
+                    " connector, payload_hash, state, attempts, created_at, updated_at, run_id)"
+                    " VALUES (:k, :w, :i, :a, :t, :c, :h, 'awaiting_approval', 0, :now, :now,"
+                    " :run)"
+                ),
+                {
+                    "k": request.key,
+                    "w": request.workflow,
+                    "i": request.item_key,
+                    "a": request.action,
+                    "t": request.target,
+                    "c": connector,
+                    "h": request.payload_hash,
+                    "now": now,
+                    "run": run_id,
+                },
+            )
+
+    def state_of(self, key: str) -> IntentState | None:
+        """The recorded state of an effect, or None if never seen."""
+        with self.ledger.transaction() as tx:
+            value = tx.execute(
+                sa.text("SELECT state FROM intents WHERE idempotency_key = :k"), {"k": key}
+            ).scalar_one_or_none()
+        return value  # type: ignore[no-any-return]
+
+    def execute(
+        self,
+        connector: Connector,
+        request: EffectRequest,
+        perform: Callable[[str], Receipt],
+        context: StepContext,
+    ) -> EffectOutcome:
+        """Perform the effect once: claim, call with the key, record; or replay/reconcile."""
+        key = request.key
+        claim = self._claim(connector, request, context)
+        if isinstance(claim, EffectOutcome):
+            return claim
+        if claim == "reconcile":
+            try:
+                receipt = connector.lookup(key)
+            except OutcomeUnknowable as exc:
+                self._finish(key, "needs_operator", None, str(exc), context, request, connector)
+                raise EffectNeedsOperator(
+                    f"{connector.name}: an earlier attempt of {request.action} -> "
+                    f"{request.target} died before its outcome was recorded, and the provider "
+                    f"cannot say whether it happened ({exc}). Check, then resolve it with "
+                    f"the operator tools; it will not be resent automatically."
+                ) from exc
+            if receipt is not None:
+                self._finish(key, "succeeded", receipt, None, context, request, connector)
+                return EffectOutcome(
+                    key=key,
+                    state="succeeded",
+                    provider_id=receipt.provider_id,
+                    reconciled=True,
+                    detail=receipt.detail,
+                )
+        crash_point(f"{connector.name}.before_call")
+        try:
+            receipt = perform(key)
+        except EffectFailed as exc:
+            self._finish(key, "failed", None, str(exc), context, request, connector)
+            raise
+        except OutcomeUnknown as exc:
+            self._note_error(key, str(exc))
+            raise
+        crash_point(f"{connector.name}.after_call")
+        self._finish(key, "succeeded", receipt, None, context, request, connector)
+        return EffectOutcome(
+            key=key, state="succeeded", provider_id=receipt.provider_id, detail=receipt.detail
+        )
+
+    def _claim(
+        self, connector: Connector, request: EffectRequest, context: StepContext
+    ) -> EffectOutcome | Literal["fresh", "reconcile"]:
+        now = datetime.now(UTC)
+        expires = (now + self.lease).isoformat(timespec="microseconds")
+        owner = lease_owner()
+        with self.ledger.transaction() as tx:
+            row = (
+                tx.execute(
+                    sa.text(
+                        "SELECT state, provider_id, outcome, lease_owner, lease_expires_at"
+                        " FROM intents WHERE idempotency_key = :k"
+                    ),
+                    {"k": request.key},
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                tx.execute(
+                    sa.text(
+                        "INSERT INTO intents (idempotency_key, workflow, item_key, action,"
+                        " target, connector, payload_hash, state, attempts, lease_owner,"
+                        " lease_expires_at, created_at, updated_at, run_id) VALUES (:k, :w, :i,"
+                        " :a, :t, :c, :h, 'in_flight', 1, :o, :e, :now, :now, :run)"
+                    ),
+                    {
+                        "k": request.key,
+                        "w": request.workflow,
+                        "i": request.item_key,
+                        "a": request.action,
+                        "t": request.target,
+                        "c": connector.name,
+                        "h": request.payload_hash,
+                        "o": owner,
+                        "e": expires,
+                        "now": now.isoformat(timespec="microseconds"),
+                        "run": context.run_id,
+                    },
+                )
+                return "fresh"
+            state = row["state"]
+            if state == "succeeded":
+                return EffectOutcome(
+                    key=request.key,
+                    state="succeeded",
+                    provider_id=row["provider_id"],
+                    replayed=True,
+                    detail=json.loads(row["outcome"] or "{}"),
+                )
+            if state == "needs_operator":
+                raise EffectNeedsOperator(
+                    f"{connector.name}: {request.action} -> {request.target} is waiting for the "
+                    "operator to confirm whether it happened; it will not be resent"
+                )
+            if state == "in_flight":
+                lease_live = (row["lease_expires_at"] or "") > now.isoformat()
+                if lease_live and not _owner_is_dead(row["lease_owner"]):
+                    raise EffectInProgress(
+                        f"{connector.name}: {request.action} -> {request.target} is being "
+                        f"performed by {row['lease_owner']}"
+                    )
+                outcome: Literal["fresh", "reconcile"] = "reconcile"
+            else:  # awaiting_approval or failed: nothing happened at the provider
+                outcome = "fresh"
+            tx.execute(
+                sa.text(
+                    "UPDATE intents SET state = 'in_flight', attempts = attempts + 1,"
+                    " lease_owner = :o, lease_expires_at = :e, updated_at = :now, run_id = :run"
+                    " WHERE idempotency_key = :k"
+                ),
+                {
+                    "o": owner,
+                    "e": expires,
+                    "now": now.isoformat(timespec="microseconds"),
+                    "run": context.run_id,
+                    "k": request.key,
+                },
+            )
+            return outcome
+
+    def _note_error(self, key: str, error: str) -> None:
+        with self.ledger.transaction() as tx:
+            tx.execute(
+                sa.text(
+                    "UPDATE intents SET last_error = :err, lease_owner = NULL,"
+                    " lease_expires_at = NULL, updated_at = :now WHERE idempotency_key = :k"
+                ),
+                {"err": error, "now": utc_now(), "k": key},
+            )
+
+    def _finish(
+        self,
+        key: str,
+        state: IntentState,
+        receipt: Receipt | None,
+        error: str | None,
+        context: StepContext,
+        request: EffectRequest,
+        connector: Connector,
+    ) -> None:
+        with self.ledger.transaction() as tx:
+            tx.execute(
+                sa.text(
+                    "UPDATE intents SET state = :s, provider_id = :pid, outcome = :out,"
+                    " last_error = :err, lease_owner = NULL, lease_expires_at = NULL,"
+                    " updated_at = :now WHERE idempotency_key = :k"
+                ),
+                {
+                    "s": state,
+                    "pid": receipt.provider_id if receipt else None,
+                    "out": json.dumps(receipt.detail) if receipt else None,
+                    "err": error,
+                    "now": utc_now(),
+                    "k": key,
+                },
+            )
+        self.audit.record(
+            AuditEvent(
+                kind="effect",
+                workflow=request.workflow,
+                partition_key=context.partition_key,
+                step=context.step,
+                actor=f"connector:{connector.name}",
+                subject=f"{request.action}:{request.target}",
+                decision=state,
+                reason=error or f"provider id {receipt.provider_id if receipt else '-'}",
+                detail={"idempotency_key": key, "payload_hash": request.payload_hash},
+                run_id=context.run_id,
+            )
+        )

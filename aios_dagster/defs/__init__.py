@@ -1,0 +1,1 @@
+"""Component definitions folder for `dg` (kept empty: the code location is `definitions.py`)."""

@@ -1,0 +1,131 @@
+"""The kernel wired to one operator's configuration: every store and service, built once.
+
+Dagster resources, the CLI and tests all get their ledger, warehouse, audit log, approvals,
+intent log, quarantine and agent runtime from here, so they always agree on where state lives.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from aios_dagster.agents import AgentRuntime
+from aios_dagster.approvals import ApprovalDesk
+from aios_dagster.audit import AuditLog, Redactor
+from aios_dagster.config import AiosConfig
+from aios_dagster.connectors.intent_log import IntentLog
+from aios_dagster.gateway import LLMGateway
+from aios_dagster.ledger import Ledger
+from aios_dagster.published import PublishedWork
+from aios_dagster.quarantine import Quarantine
+from aios_dagster.warehouse import Warehouse
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    """Where each store lives inside the state directory."""
+
+    root: Path
+
+    @property
+    def ledger(self) -> Path:
+        """The SQLite ledger file."""
+        return self.root / "ledger.sqlite"
+
+    @property
+    def warehouse(self) -> Path:
+        """The DuckDB facts warehouse file."""
+        return self.root / "warehouse.duckdb"
+
+    @property
+    def staged(self) -> Path:
+        """Content-addressed payloads awaiting or bound to approvals."""
+        return self.root / "staged"
+
+    @property
+    def drafts(self) -> Path:
+        """Readable copies of the latest draft per work item, for the operator."""
+        return self.root / "drafts"
+
+    @property
+    def artifacts(self) -> Path:
+        """Asset values as JSON (the IO manager's folder)."""
+        return self.root / "artifacts"
+
+    @property
+    def quarantine(self) -> Path:
+        """Inputs held back with their reasons."""
+        return self.root / "quarantine"
+
+    @property
+    def audit_spool(self) -> Path:
+        """Audit rows waiting for the warehouse lock."""
+        return self.root / "audit_spool"
+
+    @property
+    def dagster_home(self) -> Path:
+        """The default DAGSTER_HOME for the CLI when none is set."""
+        return self.root / "dagster"
+
+
+@dataclass
+class Kernel:
+    """All kernel services for one configuration."""
+
+    config: AiosConfig
+    paths: StatePaths
+    ledger: Ledger
+    warehouse: Warehouse
+    audit: AuditLog
+    approvals: ApprovalDesk
+    intents: IntentLog
+    quarantine: Quarantine
+    published: PublishedWork
+    gateway: LLMGateway
+    agents: AgentRuntime
+
+    @classmethod
+    def build(
+        cls,
+        config: AiosConfig,
+        *,
+        llm_api_key: str | None = None,
+        smtp_password: str | None = None,
+    ) -> Kernel:
+        """Wire every service to the state directory the config names."""
+        paths = StatePaths(config.state_path)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        ledger = _ledger_for(paths.ledger)
+        warehouse = Warehouse(paths.warehouse)
+        audit = AuditLog(
+            warehouse, paths.audit_spool, redactor=Redactor([llm_api_key, smtp_password])
+        )
+        gateway = LLMGateway(config.llm, api_key=llm_api_key, audit=audit)
+        return cls(
+            config=config,
+            paths=paths,
+            ledger=ledger,
+            warehouse=warehouse,
+            audit=audit,
+            approvals=ApprovalDesk(ledger, paths.staged, audit),
+            intents=IntentLog(ledger, audit),
+            quarantine=Quarantine(paths.quarantine, audit),
+            published=PublishedWork(ledger),
+            gateway=gateway,
+            agents=AgentRuntime(config.llm, gateway, audit),
+        )
+
+
+_ledgers: dict[Path, Ledger] = {}
+_ledgers_lock = threading.Lock()
+
+
+def _ledger_for(path: Path) -> Ledger:
+    # One engine (connection pool) per ledger file per process.
+    with _ledgers_lock:
+        ledger = _ledgers.get(path)
+        if ledger is None:
+            ledger = Ledger.at(path)
+            _ledgers[path] = ledger
+        return ledger

@@ -1,0 +1,216 @@
+"""The ledger: transactional state that runs, sensors and the CLI all write at once.
+
+Approvals, the intent log of side effects and the record of published work live here, never in
+DuckDB (which admits one writing process). The embedded default is a SQLite file in WAL mode where
+every transaction starts with BEGIN IMMEDIATE, so concurrent writers queue on the busy timeout
+instead of failing on a lock upgrade. The SQL is portable: a Postgres URL is configuration, not a
+code change. The schema is versioned; migrations run once, in order, under the write lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+BUSY_TIMEOUT_SECONDS = 60
+
+
+def utc_now() -> str:
+    """A sortable UTC timestamp with microseconds, the ledger's one time format."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One versioned schema step; statements are portable between SQLite and Postgres."""
+
+    version: int
+    name: str
+    statements: Sequence[str]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "approvals, intents and published work",
+        (
+            """
+            CREATE TABLE approvals (
+                approval_id TEXT PRIMARY KEY,
+                workflow TEXT NOT NULL,
+                partition_key TEXT NOT NULL,
+                action TEXT NOT NULL,
+                payload_hash TEXT NOT NULL,
+                payload_path TEXT NOT NULL,
+                execute_job TEXT NOT NULL,
+                title TEXT NOT NULL,
+                summary TEXT NOT NULL,
+                status TEXT NOT NULL
+                    CHECK (status IN ('pending', 'approved', 'rejected', 'superseded')),
+                requested_at TEXT NOT NULL,
+                requested_by_run TEXT,
+                decided_at TEXT,
+                decided_by TEXT,
+                decided_hash TEXT,
+                decision_reason TEXT,
+                decision_seq INTEGER UNIQUE,
+                executed_at TEXT,
+                executed_by_run TEXT
+            )
+            """,
+            "CREATE INDEX approvals_by_item ON approvals (workflow, partition_key, action)",
+            "CREATE INDEX approvals_by_status ON approvals (status, decision_seq)",
+            """
+            CREATE TABLE approval_decisions (
+                approval_id TEXT NOT NULL REFERENCES approvals (approval_id),
+                decision TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                decided_at TEXT NOT NULL,
+                payload_hash TEXT NOT NULL,
+                reason TEXT
+            )
+            """,
+            """
+            CREATE TABLE intents (
+                idempotency_key TEXT PRIMARY KEY,
+                workflow TEXT NOT NULL,
+                item_key TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target TEXT NOT NULL,
+                connector TEXT NOT NULL,
+                payload_hash TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN (
+                    'awaiting_approval', 'in_flight', 'succeeded', 'failed', 'needs_operator'
+                )),
+                attempts INTEGER NOT NULL DEFAULT 0,
+                provider_id TEXT,
+                outcome TEXT,
+                last_error TEXT,
+                lease_owner TEXT,
+                lease_expires_at TEXT,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                run_id TEXT
+            )
+            """,
+            "CREATE INDEX intents_by_state ON intents (state, updated_at)",
+            """
+            CREATE TABLE published_outputs (
+                workflow TEXT NOT NULL,
+                partition_key TEXT NOT NULL,
+                approval_id TEXT NOT NULL,
+                payload_hash TEXT NOT NULL,
+                title TEXT NOT NULL,
+                topics TEXT NOT NULL,
+                source_urls TEXT NOT NULL,
+                location TEXT NOT NULL,
+                published_at TEXT NOT NULL,
+                run_id TEXT,
+                PRIMARY KEY (workflow, partition_key)
+            )
+            """,
+        ),
+    ),
+)
+
+
+def _sqlite_engine(path: Path) -> Engine:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        f"sqlite:///{path}",
+        connect_args={"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+        pool_pre_ping=False,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the driver so BEGIN IMMEDIATE is ours to issue.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        # Writers queue here instead of failing later on a read-to-write lock upgrade.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class Ledger:
+    """Connection factory and schema owner for the transactional store."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///"):
+            self.engine = _sqlite_engine(Path(url.removeprefix("sqlite:///")))
+        else:
+            self.engine = sa.create_engine(url, pool_pre_ping=True)
+        self._migrated = False
+
+    @classmethod
+    def at(cls, path: Path) -> Ledger:
+        """The embedded SQLite ledger at a file path."""
+        return cls(f"sqlite:///{path}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One atomic unit of work; commits on success, rolls back on any exception."""
+        if not self._migrated:
+            self.migrate()
+        with self.engine.begin() as connection:
+            yield connection
+
+    def migrate(self) -> int:
+        """Apply pending migrations; returns the schema version. Safe to call concurrently."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+                )
+            )
+            if self.engine.dialect.name == "postgresql":
+                connection.execute(sa.text("LOCK TABLE schema_migrations IN EXCLUSIVE MODE"))
+            applied = {
+                row[0]
+                for row in connection.execute(sa.text("SELECT version FROM schema_migrations"))
+            }
+            for migration in MIGRATIONS:
+                if migration.version in applied:
+                    continue
+                for statement in migration.statements:
+                    connection.execute(sa.text(statement))
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO schema_migrations (version, name, applied_at)"
+                        " VALUES (:v, :n, :t)"
+                    ),
+                    {"v": migration.version, "n": migration.name, "t": utc_now()},
+                )
+        self._migrated = True
+        return max(m.version for m in MIGRATIONS)
+
+    def schema_version(self) -> int:
+        """The highest applied migration."""
+        with self.engine.begin() as connection:
+            value = connection.execute(
+                sa.text("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            ).scalar_one()
+        return int(value)
+
+    def dispose(self) -> None:
+        """Close pooled connections (tests, forks)."""
+        self.engine.dispose()

@@ -1,0 +1,1 @@
+"""Workflows: one package per workflow, each an asset graph that reads as its business story."""

@@ -1,0 +1,455 @@
+"""The weekly newsletter as an asset graph: one partition per issue.
+
+sources (researcher) -> outline (planner) -> draft (drafter) -> editorial QA (blocking check)
+-> approval_request (staged, hashed, waiting for the operator) -> published_issue (publisher,
+only with an approval for that exact hash).
+"""
+
+
+from typing import Any
+
+import dagster as dg
+
+from aios_dagster.approvals import APPROVAL_TAG, NotAuthorized, StagedPayload
+from aios_dagster.audit import AuditEvent, StepContext
+from aios_dagster.connectors.base import EffectRequest
+from aios_dagster.files import atomic_write
+from aios_dagster.sources.items import SourceItem
+from assets.newsletter.editorial_qa import review_issue
+from assets.newsletter.models import (
+    ApprovalTicket,
+    DrafterInput,
+    DraftStep,
+    OutlineStep,
+    PlannerInput,
+    ResearchDigest,
+)
+from assets.newsletter.publishing import publish_issue
+from assets.newsletter.render import issue_markdown, markdown_to_safe_html, word_count
+from assets.newsletter.research import gather_sources
+from assets.newsletter.roles import DRAFTER, PLANNER
+from resources.kernel import AiosKernel
+from resources.mailer import MailerResource
+from resources.site import SitePublisherResource
+
+WORKFLOW = "newsletter"
+GROUP = "newsletter"
+OWNERS = ["team:editorial"]
+PUBLISH_JOB = "publish_newsletter_issue"
+ISSUE_JOB = "newsletter_issue"
+
+ISSUE_WEEKS = dg.WeeklyPartitionsDefinition(start_date="2026-01-05", day_offset=1, end_offset=1)
+"""One partition per weekly issue, keyed by the Monday that starts its week (current included)."""
+
+SOURCES = dg.AssetKey(["newsletter", "sources"])
+OUTLINE = dg.AssetKey(["newsletter", "outline"])
+DRAFT = dg.AssetKey(["newsletter", "draft"])
+APPROVAL_REQUEST = dg.AssetKey(["newsletter", "approval_request"])
+PUBLISHED_ISSUE = dg.AssetKey(["newsletter", "published_issue"])
+
+
+def _step(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, key: dg.AssetKey) -> StepContext:
+    return StepContext(
+        workflow=WORKFLOW,
+        step=key.to_user_string(),
+        partition_key=context.partition_key,
+        run_id=context.run.run_id,
+    )
+
+
+def _step_metadata(step: OutlineStep | DraftStep, preview: str) -> dict[str, Any]:
+    return {
+        "tier": step.tier,
+        "model": step.model,
+        "prompt_tokens": step.prompt_tokens,
+        "completion_tokens": step.completion_tokens,
+        "cost_usd": dg.MetadataValue.float(step.cost_usd),
+        "latency_ms": dg.MetadataValue.float(round(step.latency_ms, 2)),
+        "fell_back_to_rules": step.fell_back,
+        "preview": dg.MetadataValue.md(preview),
+    }
+
+
+def _recent(aios: AiosKernel, partition_key: str) -> tuple[list[str], list[str]]:
+    config = aios.operator_config()
+    recent = aios.kernel().published.recent(
+        WORKFLOW, limit=config.newsletter.no_repeat_issues, before=partition_key
+    )
+    topics = [t for issue in recent for t in issue.topics]
+    urls = [u for issue in recent for u in issue.source_urls]
+    return topics, urls
+
+
+@dg.asset(
+    key=SOURCES,
+    group_name=GROUP,
+    partitions_def=ISSUE_WEEKS,
+    owners=OWNERS,
+    kinds={"python", "rss"},
+    description="Research: this week's candidate items from the operator's feeds and notes. "
+    "Bad input is quarantined with its reason; items covered by past issues are dropped.",
+)
+def sources(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Output[ResearchDigest]:
+    """The researcher's digest for one issue."""
+    kernel = aios.kernel()
+    digest = gather_sources(aios.operator_config(), kernel, _step(context, SOURCES))
+    kernel.audit.flush()
+    preview = "\n".join(f"- {i.title} ({i.kind})" for i in digest.items[:20]) or "_no items_"
+    return dg.Output(
+        digest,
+        metadata={
+            "items": len(digest.items),
+            "quarantined": len(digest.quarantined),
+            "dropped": len(digest.dropped),
+            "feeds_read": digest.feeds_read,
+            "notes_read": digest.notes_read,
+            "quarantine_reasons": dg.MetadataValue.md(
+                "\n".join(f"- `{q.source[:80]}`: {q.reason}" for q in digest.quarantined)
+                or "_none_"
+            ),
+            "preview": dg.MetadataValue.md(preview),
+        },
+    )
+
+
+@dg.asset(
+    key=OUTLINE,
+    ins={"sources": dg.AssetIn(SOURCES)},
+    group_name=GROUP,
+    partitions_def=ISSUE_WEEKS,
+    owners=OWNERS,
+    kinds={"python", "openai"},
+    description="Planner: picks and orders the items that matter most to the audience, "
+    "skipping topics from recent issues.",
+)
+def outline(
+    context: dg.AssetExecutionContext, aios: AiosKernel, sources: ResearchDigest
+) -> dg.Output[OutlineStep]:
+    """The planner's outline for one issue."""
+    config = aios.operator_config()
+    kernel = aios.kernel()
+    topics, urls = _recent(aios, context.partition_key)
+    inputs = PlannerInput(
+        newsletter_title=config.newsletter.title,
+        issue_date=context.partition_key,
+        audience=config.newsletter.audience.description,
+        interests=config.newsletter.audience.interests,
+        max_items=config.newsletter.max_items,
+        items=sources.items,
+        recent_topics=topics,
+        recent_urls=urls,
+    )
+    result = kernel.agents.run(PLANNER, inputs, _step(context, OUTLINE))
+    known = sources.by_id()
+    plan = result.output
+    unknown = [i for s in plan.sections for i in s.item_ids if i not in known]
+    if unknown:
+        # A model may name ids that do not exist; they are removed, and the audit says so.
+        for section in plan.sections:
+            section.item_ids = [i for i in section.item_ids if i in known]
+        kernel.audit.record(
+            AuditEvent(
+                kind="decision",
+                workflow=WORKFLOW,
+                partition_key=context.partition_key,
+                step=OUTLINE.to_user_string(),
+                actor="agent:planner",
+                subject="outline",
+                decision="removed unknown items",
+                reason=f"the outline named {len(unknown)} item ids that research did not find",
+                detail={"unknown_ids": unknown[:20]},
+                run_id=context.run_id,
+            )
+        )
+    kernel.audit.flush()
+    step = OutlineStep.model_validate(result.model_dump())
+    preview = f"**{plan.title}**\n\n" + "\n".join(
+        f"- {s.heading}: "
+        + ", ".join(known[i].title for i in s.item_ids if i in known)
+        for s in plan.sections
+    )
+    return dg.Output(step, metadata=_step_metadata(step, preview))
+
+
+@dg.asset(
+    key=DRAFT,
+    ins={"sources": dg.AssetIn(SOURCES), "outline": dg.AssetIn(OUTLINE)},
+    group_name=GROUP,
+    partitions_def=ISSUE_WEEKS,
+    owners=OWNERS,
+    kinds={"python", "openai", "markdown"},
+    description="Drafter: writes the issue from the outline, one story per item, each citing "
+    "its source. Checked by editorial QA before it can be sent for approval.",
+)
+def draft(
+    context: dg.AssetExecutionContext,
+    aios: AiosKernel,
+    sources: ResearchDigest,
+    outline: OutlineStep,
+) -> dg.Output[DraftStep]:
+    """The drafter's issue, rendered to Markdown."""
+    config = aios.operator_config()
+    kernel = aios.kernel()
+    chosen = {i for s in outline.output.sections for i in s.item_ids}
+    items: list[SourceItem] = [i for i in sources.items if i.item_id in chosen]
+    inputs = DrafterInput(
+        newsletter_title=config.newsletter.title,
+        issue_date=context.partition_key,
+        audience=config.newsletter.audience.description,
+        interests=config.newsletter.audience.interests,
+        outline=outline.output,
+        items=items,
+    )
+    result = kernel.agents.run(DRAFTER, inputs, _step(context, DRAFT))
+    kernel.audit.flush()
+    markdown = issue_markdown(result.output, issue_date=context.partition_key)
+    step = DraftStep.model_validate(
+        {
+            **result.model_dump(),
+            "markdown": markdown,
+            "word_count": word_count(markdown),
+            "cost_so_far_usd": outline.cost_usd + result.cost_usd,
+        }
+    )
+    metadata = _step_metadata(step, markdown)
+    metadata["word_count"] = step.word_count
+    metadata["cost_so_far_usd"] = dg.MetadataValue.float(step.cost_so_far_usd)
+    return dg.Output(step, metadata=metadata)
+
+
+@dg.asset_check(
+    asset=DRAFT,
+    name="editorial_qa",
+    blocking=True,
+    additional_ins={"sources": dg.AssetIn(SOURCES)},
+    partitions_def=ISSUE_WEEKS,
+    description="Length bounds, required sections, every link from a source, no topic "
+    "repeated from recent issues. Blocks the approval request when it fails.",
+)
+def editorial_qa(
+    context: dg.AssetCheckExecutionContext,
+    aios: AiosKernel,
+    draft: DraftStep,
+    sources: ResearchDigest,
+) -> dg.AssetCheckResult:
+    """Editorial QA on the draft."""
+    config = aios.operator_config()
+    topics, urls = _recent(aios, context.partition_key)
+    report = review_issue(
+        draft=draft.output,
+        markdown=draft.markdown,
+        source_urls={i.url for i in sources.items if i.url},
+        min_words=config.newsletter.length.min_words,
+        max_words=config.newsletter.length.max_words,
+        required_sections=config.newsletter.required_sections,
+        recent_topics=topics,
+        recent_urls=set(urls),
+    )
+    kernel = aios.kernel()
+    kernel.audit.record(
+        AuditEvent(
+            kind="decision",
+            workflow=WORKFLOW,
+            partition_key=context.partition_key,
+            step="newsletter/draft:editorial_qa",
+            actor="check:editorial_qa",
+            subject="draft",
+            decision="passed" if report.passed else "blocked",
+            reason="; ".join(f"{f.check}: {f.detail}" for f in report.failures()) or "all passed",
+            run_id=context.run.run_id,
+        )
+    )
+    kernel.audit.flush()
+    return dg.AssetCheckResult(
+        passed=report.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={f.check: f"{'pass' if f.passed else 'FAIL'}: {f.detail}" for f in report.findings},
+    )
+
+
+@dg.asset(
+    key=APPROVAL_REQUEST,
+    ins={"sources": dg.AssetIn(SOURCES), "draft": dg.AssetIn(DRAFT)},
+    group_name=GROUP,
+    partitions_def=ISSUE_WEEKS,
+    owners=OWNERS,
+    kinds={"python", "sqlite"},
+    description="Approval gate: the rendered issue (Markdown and HTML) staged under its content "
+    "hash, the publish intent recorded, waiting for the operator's decision.",
+)
+def approval_request(
+    context: dg.AssetExecutionContext,
+    aios: AiosKernel,
+    sources: ResearchDigest,
+    draft: DraftStep,
+) -> dg.Output[ApprovalTicket]:
+    """Stage the issue and ask the operator."""
+    kernel = aios.kernel()
+    config = aios.operator_config()
+    html = markdown_to_safe_html(draft.markdown)
+    stories = [s for section in draft.output.sections for s in section.stories]
+    payload = StagedPayload(
+        workflow=WORKFLOW,
+        partition_key=context.partition_key,
+        action="publish",
+        title=draft.output.title,
+        summary=draft.output.intro[:300],
+        markdown=draft.markdown,
+        html=html,
+        metadata={
+            "source_urls": sorted({s.source_url for s in stories}),
+            "topics": [s.headline for s in stories],
+            "tiers": {"drafter": draft.tier, "drafter_model": draft.model},
+            "cost_so_far_usd": draft.cost_so_far_usd,
+            "quarantined_inputs": len(sources.quarantined),
+        },
+    )
+    approval = kernel.approvals.request(payload, execute_job=PUBLISH_JOB, run_id=context.run_id)
+    kernel.intents.plan(
+        EffectRequest(
+            workflow=WORKFLOW,
+            item_key=context.partition_key,
+            action="publish_site",
+            target=config.newsletter.site_url,
+            payload_hash=approval.payload_hash,
+        ),
+        "static_site",
+        run_id=context.run_id,
+    )
+    kernel.audit.flush()
+    drafts = kernel.paths.drafts / WORKFLOW
+    markdown_path = drafts / f"{context.partition_key}.md"
+    html_path = drafts / f"{context.partition_key}.html"
+    atomic_write(markdown_path, draft.markdown)
+    atomic_write(html_path, html)
+    command = f"aios approvals approve {approval.approval_id} --publish"
+    ticket = ApprovalTicket(
+        approval_id=approval.approval_id,
+        payload_hash=approval.payload_hash,
+        status=approval.status,
+        markdown_path=str(markdown_path),
+        html_path=str(html_path),
+        approve_command=command,
+    )
+    context.log.info(f"Draft staged at {markdown_path}. Approve and publish with: {command}")
+    return dg.Output(
+        ticket,
+        metadata={
+            "approval_id": approval.approval_id,
+            "status": approval.status,
+            "payload_hash": approval.payload_hash,
+            "draft_markdown": dg.MetadataValue.path(str(markdown_path)),
+            "approve_command": dg.MetadataValue.md(f"`{command}`"),
+            "cost_so_far_usd": dg.MetadataValue.float(draft.cost_so_far_usd),
+        },
+    )
+
+
+@dg.asset(
+    key=PUBLISHED_ISSUE,
+    deps=[APPROVAL_REQUEST],
+    group_name=GROUP,
+    partitions_def=ISSUE_WEEKS,
+    owners=OWNERS,
+    kinds={"python", "html", "email"},
+    description="Publisher: writes the approved issue to the static site (page, index, Atom "
+    "feed) and emails subscribers when SMTP is configured. Runs only with an approval whose "
+    "hash matches the staged payload; idempotent across retries and crashes.",
+)
+def published_issue(
+    context: dg.AssetExecutionContext,
+    aios: AiosKernel,
+    site: SitePublisherResource,
+    mailer: MailerResource,
+) -> dg.MaterializeResult:
+    """Publish the approved issue for this week."""
+    kernel = aios.kernel()
+    partition = context.partition_key
+    approval_id = context.run.tags.get(APPROVAL_TAG)
+    if approval_id is None:
+        current = kernel.approvals.current(WORKFLOW, partition, "publish")
+        if current is None or current.status != "approved":
+            state = "no approval request" if current is None else f"approval {current.status}"
+            raise dg.Failure(
+                f"issue {partition} cannot be published: {state}. Approve it first with "
+                "`aios approvals approve <id> --publish`."
+            )
+        approval_id = current.approval_id
+    try:
+        approval, payload = kernel.approvals.authorize(approval_id, partition_key=partition)
+    except NotAuthorized as exc:
+        kernel.audit.record(
+            AuditEvent(
+                kind="decision",
+                workflow=WORKFLOW,
+                partition_key=partition,
+                step=PUBLISHED_ISSUE.to_user_string(),
+                actor="agent:publisher",
+                subject=f"approval:{approval_id}",
+                decision="refused",
+                reason=str(exc),
+                run_id=context.run_id,
+            )
+        )
+        kernel.audit.flush()
+        raise dg.Failure(f"not publishing issue {partition}: {exc}") from None
+    already = kernel.published.get(WORKFLOW, partition)
+    if already is not None and already.payload_hash != approval.payload_hash:
+        kernel.audit.flush()
+        raise dg.Failure(
+            f"issue {partition} was already published from payload {already.payload_hash[:10]}; "
+            "publishing a different payload for the same issue is a correction, not a retry"
+        )
+    try:
+        report = publish_issue(
+            kernel=kernel,
+            approval=approval,
+            payload=payload,
+            site=site.publisher(),
+            mailer=mailer.mailer(),
+            context=_step(context, PUBLISHED_ISSUE),
+        )
+    finally:
+        kernel.audit.flush()
+    if report.email_failed or report.email_needs_operator:
+        problems = {**report.email_failed, **report.email_needs_operator}
+        raise dg.Failure(
+            f"issue {partition} is on the site ({report.url}) but {len(problems)} emails did "
+            "not go out; a retry sends only those that did not",
+            metadata={"problems": dg.MetadataValue.json(problems)},
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "url": dg.MetadataValue.url(report.url),
+            "site_path": dg.MetadataValue.path(report.site_path),
+            "approval_id": approval.approval_id,
+            "payload_hash": approval.payload_hash,
+            "site_effect": "replayed" if report.site.replayed else (
+                "reconciled" if report.site.reconciled else "performed"
+            ),
+            "emails_sent": len(report.emailed),
+            "emails_replayed": len(report.email_replayed),
+            "subscriber_problems": len(report.subscriber_problems),
+        }
+    )
+
+
+newsletter_issue_job = dg.define_asset_job(
+    ISSUE_JOB,
+    selection=dg.AssetSelection.assets(SOURCES, OUTLINE, DRAFT, APPROVAL_REQUEST),
+    partitions_def=ISSUE_WEEKS,
+    description="Prepare this week's issue up to the approval gate.",
+    tags={"aios/workflow": WORKFLOW},
+)
+
+publish_newsletter_job = dg.define_asset_job(
+    PUBLISH_JOB,
+    selection=dg.AssetSelection.assets(PUBLISHED_ISSUE),
+    partitions_def=ISSUE_WEEKS,
+    description="Publish an approved issue (launched by the approvals sensor or the CLI).",
+    tags={"aios/workflow": WORKFLOW},
+)
+
+ASSETS = [sources, outline, draft, approval_request, published_issue]
+CHECKS = [editorial_qa]
+JOBS = [newsletter_issue_job, publish_newsletter_job]

@@ -1,0 +1,103 @@
+"""Rendering an issue: Markdown we compose, HTML we sanitize.
+
+Every text that came from a model or a feed is escaped before it enters the Markdown, so it can
+never become a link, an image or raw HTML; the only links are the sources' URLs, placed by us. The
+HTML is rendered with raw HTML disabled and then cleaned by nh3 (http/https/mailto links only, no
+images, no scripts), because the draft carries untrusted content.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+import nh3
+from markdown_it import MarkdownIt
+
+from assets.newsletter.models import Draft
+
+SOURCES = "Sources"
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
+_md = MarkdownIt("commonmark", {"html": False})
+ALLOWED_TAGS = {
+    "a", "blockquote", "br", "code", "em", "h1", "h2", "h3", "h4", "hr", "li", "ol", "p",
+    "pre", "strong", "ul",
+}
+
+
+def escape_markdown(text: str) -> str:
+    """Text that renders as itself: no links, emphasis, headings or HTML can come out of it."""
+    single_line = " ".join(text.split())
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", single_line)
+
+
+def _link_target(url: str) -> str:
+    # Angle brackets keep URLs with spaces or parentheses intact; < and > cannot occur in them.
+    return "<" + url.replace("<", "%3C").replace(">", "%3E").replace(" ", "%20") + ">"
+
+
+def issue_markdown(draft: Draft, *, issue_date: str) -> str:
+    """The issue as Markdown: title, date, intro, sections of stories, closing, sources."""
+    lines = [f"# {escape_markdown(draft.title)}", "", f"*{issue_date}*", "", escape_markdown(draft.intro), ""]
+    sources: list[tuple[str, str]] = []
+    for section in draft.sections:
+        lines += [f"## {escape_markdown(section.heading)}", ""]
+        for story in section.stories:
+            lines += [
+                f"### {escape_markdown(story.headline)}",
+                "",
+                f"{escape_markdown(story.body)} [Read more]({_link_target(story.source_url)})",
+                "",
+            ]
+            if story.source_url not in {u for _, u in sources}:
+                sources.append((story.headline, story.source_url))
+    lines += [escape_markdown(draft.closing), "", f"## {SOURCES}", ""]
+    for headline, url in sources:
+        host = urlsplit(url).netloc or url
+        lines.append(
+            f"- [{escape_markdown(headline)}]({_link_target(url)}) ({escape_markdown(host)})"
+        )
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def markdown_to_safe_html(markdown: str) -> str:
+    """HTML for the site and the email, with anything that could run or load stripped."""
+    raw = _md.render(markdown)
+    return nh3.clean(
+        raw,
+        tags=ALLOWED_TAGS,
+        attributes={"a": {"href", "title"}},
+        url_schemes={"http", "https", "mailto"},
+        link_rel="noopener noreferrer nofollow",
+        strip_comments=True,
+    )
+
+
+def word_count(markdown: str) -> int:
+    """Words a reader reads (markup excluded)."""
+    text = nh3.clean(_md.render(markdown), tags=set())
+    return len(re.findall(r"\w[\w'’-]*", text))
+
+
+def markdown_links(markdown: str) -> list[str]:
+    """Every link target in the Markdown, plus any bare URL written as text."""
+    links: list[str] = []
+    for token in _md.parse(markdown):
+        for child in token.children or []:
+            if child.type == "link_open":
+                href = child.attrGet("href")
+                if isinstance(href, str):
+                    links.append(href)
+            elif child.type == "text":
+                links += re.findall(r"https?://[^\s)>\]]+", child.content)
+    return links
+
+
+def markdown_headings(markdown: str, level: int = 2) -> list[str]:
+    """The text of headings at one level."""
+    tokens = _md.parse(markdown)
+    found: list[str] = []
+    for index, token in enumerate(tokens):
+        if token.type == "heading_open" and token.tag == f"h{level}":
+            found.append(tokens[index + 1].content.strip())
+    return found

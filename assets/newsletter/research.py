@@ -1,0 +1,87 @@
+"""The research agent: gather this week's candidate items from feeds and notes.
+
+Everything it cannot use is quarantined with its reason (and the run goes on); items already
+covered by a published issue, and duplicates across feeds, are dropped with a recorded reason.
+"""
+
+from __future__ import annotations
+
+from aios_dagster.audit import AuditEvent, StepContext
+from aios_dagster.config import AiosConfig
+from aios_dagster.kernel import Kernel
+from aios_dagster.sources.feeds import FeedProblem, read_feed
+from aios_dagster.sources.items import SourceItem, normalize_url
+from aios_dagster.sources.notes import read_notes
+from assets.newsletter.models import DroppedItem, ResearchDigest
+
+WORKFLOW = "newsletter"
+
+
+def gather_sources(config: AiosConfig, kernel: Kernel, context: StepContext) -> ResearchDigest:
+    """Read every feed and note, quarantine what is bad, drop what is covered or duplicated."""
+    settings = config.newsletter
+    problems: list[FeedProblem] = []
+    candidates: list[SourceItem] = []
+    feed_locations = config.feed_locations()
+    for location in feed_locations:
+        result = read_feed(
+            location,
+            timeout=settings.feed_timeout_seconds,
+            max_bytes=settings.max_feed_bytes,
+        )
+        candidates += result.items
+        problems += result.problems
+    notes_dir = config.resolve(settings.notes_dir) if settings.notes_dir else None
+    notes = read_notes(notes_dir)
+    candidates += notes.items
+    problems += notes.problems
+
+    quarantined = [
+        kernel.quarantine.hold(context, source=p.source, reason=p.reason, raw=p.raw)
+        for p in problems
+    ]
+
+    covered = {normalize_url(u) for u in kernel.published.all_source_urls(WORKFLOW)}
+    seen_urls: set[str] = set()
+    seen_ids: set[str] = set()
+    kept: list[SourceItem] = []
+    dropped: list[DroppedItem] = []
+    for item in candidates:
+        url = normalize_url(item.url) if item.url else None
+        reason = None
+        if url and url in covered:
+            reason = "already covered by a published issue"
+        elif (url and url in seen_urls) or item.item_id in seen_ids:
+            reason = "duplicate of another item this week"
+        if reason:
+            dropped.append(
+                DroppedItem(item_id=item.item_id, title=item.title, url=item.url, reason=reason)
+            )
+            continue
+        if url:
+            seen_urls.add(url)
+        seen_ids.add(item.item_id)
+        kept.append(item)
+
+    for drop in dropped:
+        kernel.audit.record(
+            AuditEvent(
+                kind="decision",
+                workflow=WORKFLOW,
+                partition_key=context.partition_key,
+                step=context.step,
+                actor="agent:researcher",
+                subject=drop.url or drop.item_id,
+                decision="dropped",
+                reason=drop.reason,
+                run_id=context.run_id,
+            )
+        )
+    return ResearchDigest(
+        partition_key=context.partition_key or "",
+        items=kept,
+        dropped=dropped,
+        quarantined=quarantined,
+        feeds_read=len(feed_locations),
+        notes_read=len(notes.items),
+    )

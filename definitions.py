@@ -1,0 +1,27 @@
+"""The code location: one Definitions object joining the workflows, triggers and resources.
+
+`dagster dev`, `dg dev`, `dg check defs`, `dg launch` and `dagster asset materialize -m
+definitions` all load this module. The operator config ($AIOS_CONFIG or ./aios.yaml) is validated
+here, so a bad value stops the load with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from aios_dagster.config import config_path_from_env, load_config
+from assets import newsletter
+from resources import build_resources
+from sensors import approved_actions_sensor, weekly_issue_schedule
+
+_config_path = config_path_from_env()
+_config = load_config(_config_path)
+
+defs = dg.Definitions(
+    assets=newsletter.ASSETS,
+    asset_checks=newsletter.CHECKS,
+    jobs=newsletter.JOBS,
+    schedules=[weekly_issue_schedule(_config.newsletter.cadence)],
+    sensors=[approved_actions_sensor],
+    resources=build_resources(_config_path),
+)

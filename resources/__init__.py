@@ -1,0 +1,14 @@
+"""Dagster resources wiring the kernel to the operator's config file (and secrets from env)."""
+
+from resources.artifacts import ArtifactIOManager
+from resources.kernel import AiosKernel, build_resources
+from resources.mailer import MailerResource
+from resources.site import SitePublisherResource
+
+__all__ = [
+    "AiosKernel",
+    "ArtifactIOManager",
+    "MailerResource",
+    "SitePublisherResource",
+    "build_resources",
+]

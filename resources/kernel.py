@@ -1,0 +1,82 @@
+"""The kernel as a Dagster resource: the operator's config file plus secrets from the environment.
+
+Every step gets the same ledger, warehouse, audit log, approvals desk, intent log, quarantine and
+agent runtime through this one resource. The audit buffer is flushed when the step ends.
+"""
+
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from aios_dagster.config import AiosConfig, config_path_from_env, load_config, parse_config
+from aios_dagster.kernel import Kernel
+
+_kernels: dict[tuple[str | None, str, str], Kernel] = {}
+_kernels_lock = threading.Lock()
+
+
+class AiosKernel(dg.ConfigurableResource):  # type: ignore[misc]
+    """The kernel services configured by the operator's YAML file."""
+
+    config_file: str | None = None
+    """Absolute path of the operator config; None means every default."""
+    base_dir: str = "."
+    """Folder relative paths resolve against when there is no config file."""
+    llm_api_key: str | None = None
+    """The model endpoint's API key, from the env var the config names (never in the file)."""
+
+    def operator_config(self) -> AiosConfig:
+        """The validated operator config."""
+        if self.config_file:
+            return load_config(Path(self.config_file))
+        return parse_config({}, source="(defaults)", base_dir=Path(self.base_dir))
+
+    def kernel(self) -> Kernel:
+        """The kernel for this config, built once per process."""
+        key_digest = hashlib.sha256((self.llm_api_key or "").encode()).hexdigest()
+        cache_key = (self.config_file, self.base_dir, key_digest)
+        with _kernels_lock:
+            kernel = _kernels.get(cache_key)
+            if kernel is None:
+                kernel = Kernel.build(self.operator_config(), llm_api_key=self.llm_api_key)
+                _kernels[cache_key] = kernel
+            return kernel
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Nothing audited in a step may be left in memory when it ends."""
+        with _kernels_lock:
+            kernels = list(_kernels.values())
+        for kernel in kernels:
+            kernel.audit.flush()
+
+
+def _env_secret(name: str) -> Any:
+    # EnvVar keeps the value out of the run config and the UI; an unset variable means none.
+    return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+def build_resources(config_path: Path | None = None) -> dict[str, Any]:
+    """Every resource the workflows need, from the operator config (validated here, early)."""
+    from resources.artifacts import ArtifactIOManager
+    from resources.mailer import MailerResource
+    from resources.site import SitePublisherResource
+
+    path = config_path if config_path is not None else config_path_from_env()
+    config = load_config(path)
+    kernel = AiosKernel(
+        config_file=str(path) if path else None,
+        base_dir=str(Path.cwd()),
+        llm_api_key=_env_secret(config.llm.endpoint.api_key_env),
+    )
+    smtp_password = _env_secret(config.smtp.password_env) if config.smtp else None
+    return {
+        "aios": kernel,
+        "site": SitePublisherResource(aios=kernel),
+        "mailer": MailerResource(aios=kernel, password=smtp_password),
+        "io_manager": ArtifactIOManager(root=str(config.state_path / "artifacts")),
+    }
