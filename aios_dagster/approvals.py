@@ -97,10 +97,18 @@ _COLUMNS = ", ".join(Approval.model_fields)
 class ApprovalDesk:
     """Where approval requests are staged, decided and checked before an action runs."""
 
-    def __init__(self, ledger: Ledger, staging_dir: Path, audit: AuditLog) -> None:
+    def __init__(
+        self, ledger: Ledger, staging_dir: Path, audit: AuditLog, *, drafts_dir: Path
+    ) -> None:
         self.ledger = ledger
         self.staging_dir = staging_dir
+        self.drafts_dir = drafts_dir
         self.audit = audit
+
+    def readable_copies(self, workflow: str, partition_key: str) -> tuple[Path, Path]:
+        """Where the operator reads the latest staged draft of a work item (Markdown, HTML)."""
+        folder = self.drafts_dir / workflow
+        return folder / f"{partition_key}.md", folder / f"{partition_key}.html"
 
     def request(
         self, payload: StagedPayload, *, execute_job: str, run_id: str | None = None
@@ -114,6 +122,9 @@ class ApprovalDesk:
         path = self.staging_dir / payload.workflow / f"{digest}.json"
         if not path.exists():
             atomic_write(path, canonical_json(payload.model_dump(mode="json")))
+        markdown_copy, html_copy = self.readable_copies(payload.workflow, payload.partition_key)
+        atomic_write(markdown_copy, payload.markdown)
+        atomic_write(html_copy, payload.html)
         approval_id = approval_id_for(
             payload.workflow, payload.partition_key, payload.action, digest
         )

@@ -108,7 +108,7 @@ class Kernel:
             ledger=ledger,
             warehouse=warehouse,
             audit=audit,
-            approvals=ApprovalDesk(ledger, paths.staged, audit),
+            approvals=ApprovalDesk(ledger, paths.staged, audit, drafts_dir=paths.drafts),
             intents=IntentLog(ledger, audit),
             quarantine=Quarantine(paths.quarantine, audit),
             published=PublishedWork(ledger),

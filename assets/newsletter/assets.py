@@ -13,7 +13,6 @@ import dagster as dg
 from aios_dagster.approvals import APPROVAL_TAG, NotAuthorized, StagedPayload
 from aios_dagster.audit import AuditEvent, StepContext
 from aios_dagster.connectors.base import EffectRequest
-from aios_dagster.files import atomic_write
 from aios_dagster.sources.items import SourceItem
 from assets.newsletter.editorial_qa import review_issue
 from assets.newsletter.models import (
@@ -317,11 +316,7 @@ def approval_request(
         run_id=context.run_id,
     )
     kernel.audit.flush()
-    drafts = kernel.paths.drafts / WORKFLOW
-    markdown_path = drafts / f"{context.partition_key}.md"
-    html_path = drafts / f"{context.partition_key}.html"
-    atomic_write(markdown_path, draft.markdown)
-    atomic_write(html_path, html)
+    markdown_path, html_path = kernel.approvals.readable_copies(WORKFLOW, context.partition_key)
     command = f"aios approvals approve {approval.approval_id} --publish"
     ticket = ApprovalTicket(
         approval_id=approval.approval_id,

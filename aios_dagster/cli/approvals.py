@@ -1,0 +1,176 @@
+"""`aios approvals`: list, show, approve and reject what waits for the operator."""
+
+from __future__ import annotations
+
+import getpass
+from typing import Annotated
+
+import typer
+from rich.markdown import Markdown
+from rich.table import Table
+
+from aios_dagster.approvals import ApprovalError, ApprovalStatus
+from aios_dagster.cli.launch import failure_messages, launch_approved
+from aios_dagster.cli.session import console, fail, load
+from aios_dagster.kernel import Kernel
+
+app = typer.Typer(help="Review and decide approval requests.", no_args_is_help=True)
+
+ActorOption = Annotated[
+    str | None,
+    typer.Option("--as", help="Who decides (default: the operator's email from the config)."),
+]
+
+
+def _actor(kernel: Kernel, given: str | None) -> str:
+    if given:
+        return given
+    return f"operator:{kernel.config.operator.email} (cli:{getpass.getuser()})"
+
+
+@app.command("list")
+def list_approvals(
+    status: Annotated[
+        str | None,
+        typer.Option(help="pending, approved, rejected or superseded (default: all)."),
+    ] = None,
+) -> None:
+    """Approval requests, newest first."""
+    _, kernel = load()
+    if status not in (None, "pending", "approved", "rejected", "superseded"):
+        raise fail(f"unknown status '{status}'", code=2)
+    rows = kernel.approvals.list(status=status)  # type: ignore[arg-type]
+    if not rows:
+        console.print("No approval requests" + (f" with status {status}." if status else "."))
+        return
+    table = Table("id", "status", "title", "requested", "decided by", "published")
+    for a in rows:
+        table.add_row(
+            a.approval_id,
+            a.status,
+            a.title,
+            a.requested_at[:19].replace("T", " "),
+            a.decided_by or "",
+            (a.executed_at or "")[:19].replace("T", " "),
+        )
+    console.print(table)
+
+
+@app.command("show")
+def show(approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")]) -> None:
+    """Render the staged payload, with its hash and everything the decision binds to."""
+    _, kernel = load()
+    try:
+        approval = kernel.approvals.find(approval_id)
+        payload = kernel.approvals.load_payload(approval)
+    except ApprovalError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"[bold]{approval.approval_id}[/]  ({approval.status})")
+    console.print(f"  action:        {approval.action} ({approval.workflow} {approval.partition_key})")
+    console.print(f"  content hash:  {approval.payload_hash}")
+    console.print(f"  staged file:   {approval.payload_path}")
+    tiers = payload.metadata.get("tiers", {})
+    if tiers:
+        console.print(f"  made by:       {tiers}")
+    if "cost_so_far_usd" in payload.metadata:
+        console.print(f"  cost so far:   ${payload.metadata['cost_so_far_usd']:.4f}")
+    if approval.decided_by:
+        console.print(f"  decided by:    {approval.decided_by} at {approval.decided_at}")
+    if approval.decision_reason:
+        console.print(f"  reason:        {approval.decision_reason}")
+    console.rule()
+    console.print(Markdown(payload.markdown))
+    console.rule()
+
+
+def _decide(approval_id: str, *, approve: bool, actor: str | None, reason: str | None,
+            expected_hash: str | None) -> tuple[Kernel, str]:
+    _, kernel = load()
+    try:
+        decided = kernel.approvals.decide(
+            approval_id,
+            approve=approve,
+            actor=_actor(kernel, actor),
+            reason=reason,
+            expected_hash=expected_hash,
+        )
+    except ApprovalError as exc:
+        raise fail(str(exc)) from None
+    verb = "Approved" if approve else "Rejected"
+    console.print(
+        f"{verb} {decided.approval_id} (hash {decided.payload_hash[:12]}) as {decided.decided_by}."
+    )
+    return kernel, decided.approval_id
+
+
+def _publish(kernel: Kernel, approval_id: str) -> None:
+    approval = kernel.approvals.get(approval_id)
+    assert approval is not None
+    console.print(f"Running {approval.execute_job} for {approval.partition_key} ...")
+    result = launch_approved(kernel, approval)
+    if not result.success:
+        for message in failure_messages(result):
+            console.print(f"[red]{message}[/]")
+        raise fail(f"run {result.run_id} failed; the approval stands, retry with "
+                   f"`aios approvals publish {approval_id}`")
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization  # type: ignore[union-attr]
+        url = materialization.metadata.get("url")
+        path = materialization.metadata.get("site_path")
+        if url is not None:
+            console.print(f"Published: {getattr(url, 'value', url)}")
+        if path is not None:
+            console.print(f"  file: {getattr(path, 'value', path)}")
+        sent = materialization.metadata.get("emails_sent")
+        if sent is not None:
+            console.print(f"  emails sent: {getattr(sent, 'value', sent)}")
+    console.print(f"  run: {result.run_id}")
+
+
+@app.command("approve")
+def approve(
+    approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")],
+    publish: Annotated[
+        bool, typer.Option("--publish", help="Run the approved action now, without the daemon.")
+    ] = False,
+    actor: ActorOption = None,
+    expected_hash: Annotated[
+        str | None,
+        typer.Option("--hash", help="Refuse unless the payload still has this content hash."),
+    ] = None,
+) -> None:
+    """Approve the exact staged payload (bound to its content hash)."""
+    kernel, decided_id = _decide(
+        approval_id, approve=True, actor=actor, reason=None, expected_hash=expected_hash
+    )
+    if publish:
+        _publish(kernel, decided_id)
+    else:
+        console.print("The approvals sensor will run it when the Dagster daemon is up "
+                      f"(or run: aios approvals publish {decided_id}).")
+
+
+@app.command("reject")
+def reject(
+    approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why (kept in the audit).")],
+    actor: ActorOption = None,
+) -> None:
+    """Reject the staged payload; nothing will be published from it."""
+    _decide(approval_id, approve=False, actor=actor, reason=reason, expected_hash=None)
+
+
+@app.command("publish")
+def publish_now(approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")]) -> None:
+    """Run an already approved action now (same run the sensor launches; idempotent)."""
+    _, kernel = load()
+    try:
+        approval = kernel.approvals.find(approval_id)
+    except ApprovalError as exc:
+        raise fail(str(exc)) from None
+    if approval.status != "approved":
+        raise fail(f"approval {approval.approval_id} is {approval.status}, not approved")
+    _publish(kernel, approval.approval_id)
+
+
+_ = ApprovalStatus
