@@ -62,6 +62,7 @@ def _env_secret(name: str) -> Any:
 
 def build_resources(config_path: Path | None = None) -> dict[str, Any]:
     """Every resource the workflows need, from the operator config (validated here, early)."""
+    from resources.dbt import dbt_resource
     from resources.artifacts import ArtifactIOManager
     from resources.mailer import MailerResource
     from resources.site import SitePublisherResource
@@ -79,4 +80,5 @@ def build_resources(config_path: Path | None = None) -> dict[str, Any]:
         "site": SitePublisherResource(aios=kernel),
         "mailer": MailerResource(aios=kernel, password=smtp_password),
         "io_manager": ArtifactIOManager(root=str(config.state_path / "artifacts")),
+        "dbt": dbt_resource(),
     }

@@ -1,0 +1,129 @@
+"""Shared fixtures: an operator config in a temporary folder, the kernel on it, and helpers that
+materialize the newsletter in-process (the fast path; a few tests use the real CLIs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import yaml
+
+from aios_dagster.config import AiosConfig, load_config
+from aios_dagster.kernel import Kernel
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ISSUE = "2026-11-23"
+
+os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(folder: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """An operator config in `folder` using copies of the sample feeds and notes."""
+    sources = folder / "sources"
+    if not sources.exists():
+        shutil.copytree(FIXTURES / "newsletter", sources)
+    data: dict[str, Any] = {
+        "state_dir": "state",
+        "operator": {"name": "Test Operator", "email": "operator@example.com"},
+        "newsletter": {
+            "feeds": [
+                "sources/feeds/indie-makers.xml",
+                "sources/feeds/newsletter-craft.atom",
+            ],
+            "notes_dir": "sources/notes",
+            "site_url": "https://news.example.com/",
+        },
+    }
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = folder / "aios.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A valid operator config selected through $AIOS_CONFIG."""
+    path = write_config(tmp_path)
+    monkeypatch.setenv("AIOS_CONFIG", str(path))
+    return path
+
+
+@pytest.fixture
+def config(config_path: Path) -> AiosConfig:
+    """The loaded operator config."""
+    return load_config(config_path)
+
+
+@pytest.fixture
+def kernel(config: AiosConfig) -> Iterator[Kernel]:
+    """The kernel on the temporary state directory."""
+    built = Kernel.build(config)
+    yield built
+    built.audit.flush()
+
+
+def materialize(
+    config_path: Path,
+    selection: str,
+    *,
+    partition: str = ISSUE,
+    tags: dict[str, str] | None = None,
+    raise_on_error: bool = False,
+    instance: dg.DagsterInstance | None = None,
+) -> dg.ExecuteInProcessResult:
+    """Materialize part of the newsletter graph in-process with resources from `config_path`."""
+    from assets import newsletter
+    from resources import build_resources
+
+    return dg.materialize(
+        [*newsletter.ASSETS, *newsletter.CHECKS],
+        selection=selection,
+        partition_key=partition,
+        resources=build_resources(config_path),
+        tags=tags,
+        raise_on_error=raise_on_error,
+        instance=instance,
+    )
+
+
+UP_TO_APPROVAL = (
+    "key:newsletter/sources or key:newsletter/outline or key:newsletter/draft"
+    " or key:newsletter/approval_request"
+)
+
+
+@pytest.fixture
+def prepare_issue(config_path: Path) -> Callable[..., dg.ExecuteInProcessResult]:
+    """Run the workflow up to the approval gate for a partition."""
+
+    def run(path: Path | None = None, partition: str = ISSUE) -> dg.ExecuteInProcessResult:
+        return materialize(path or config_path, UP_TO_APPROVAL, partition=partition)
+
+    return run
+
+
+def python_bin(name: str) -> str:
+    """A console script installed beside the running interpreter (dagster, dg, aios)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
