@@ -69,10 +69,14 @@ class PublishedWork:
 
     def get(self, workflow: str, partition_key: str) -> PublishedOutput | None:
         """The publication of one work item, if any."""
-        rows = self._select("WHERE workflow = :w AND partition_key = :p", {"w": workflow, "p": partition_key})
+        rows = self._select(
+            "WHERE workflow = :w AND partition_key = :p", {"w": workflow, "p": partition_key}
+        )
         return rows[0] if rows else None
 
-    def recent(self, workflow: str, *, limit: int, before: str | None = None) -> list[PublishedOutput]:
+    def recent(
+        self, workflow: str, *, limit: int, before: str | None = None
+    ) -> list[PublishedOutput]:
         """The last `limit` publications of a workflow (before a partition, if given)."""
         clause = "WHERE workflow = :w"
         params: dict[str, object] = {"w": workflow, "n": limit}
@@ -90,16 +94,25 @@ class PublishedWork:
 
     def _select(self, clause: str, params: dict[str, object]) -> list[PublishedOutput]:
         with self.ledger.transaction() as tx:
-            rows = tx.execute(
-                sa.text(
-                    "SELECT workflow, partition_key, approval_id, payload_hash, title, topics,"
-                    f" source_urls, location, published_at, run_id FROM published_outputs {clause}"
-                ),
-                params,
-            ).mappings().all()
+            rows = (
+                tx.execute(
+                    sa.text(
+                        "SELECT workflow, partition_key, approval_id, payload_hash, title, topics,"
+                        " source_urls, location, published_at, run_id FROM published_outputs "
+                        + clause
+                    ),
+                    params,
+                )
+                .mappings()
+                .all()
+            )
         return [
             PublishedOutput.model_validate(
-                {**row, "topics": json.loads(row["topics"]), "source_urls": json.loads(row["source_urls"])}
+                {
+                    **row,
+                    "topics": json.loads(row["topics"]),
+                    "source_urls": json.loads(row["source_urls"]),
+                }
             )
             for row in rows
         ]

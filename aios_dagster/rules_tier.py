@@ -12,9 +12,11 @@ from collections.abc import Iterable
 WORD = re.compile(r"[a-z0-9][a-z0-9'-]*")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 STOPWORDS = frozenset(
-    "a an and are as at be by for from has have how i in is it its of on or that the this to "
-    "was we what when which who why will with you your our their they them not but can more "
-    "new just about into than then there these those so if do does did all any".split()
+    """
+    a an and are as at be by for from has have how i in is it its of on or that the this to was
+    we what when which who why will with you your our their they them not but can more new just
+    about into than then there these those so if do does did all any
+    """.split()
 )
 
 

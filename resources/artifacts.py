@@ -5,7 +5,6 @@ publish run launched from the CLI, the sensor or another instance reads the same
 operator can open it in an editor.
 """
 
-
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from pydantic import BaseModel, TypeAdapter
 from aios_dagster.files import atomic_write
 
 
-class ArtifactIOManager(dg.ConfigurableIOManager):  # type: ignore[misc]
+class ArtifactIOManager(dg.ConfigurableIOManager):
     """Stores each asset partition as `<root>/<asset path>/<partition>.json`."""
 
     root: str

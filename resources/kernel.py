@@ -4,7 +4,6 @@ Every step gets the same ledger, warehouse, audit log, approvals desk, intent lo
 agent runtime through this one resource. The audit buffer is flushed when the step ends.
 """
 
-
 import hashlib
 import os
 import threading
@@ -20,7 +19,7 @@ _kernels: dict[tuple[str | None, str, str], Kernel] = {}
 _kernels_lock = threading.Lock()
 
 
-class AiosKernel(dg.ConfigurableResource):  # type: ignore[misc]
+class AiosKernel(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The kernel services configured by the operator's YAML file."""
 
     config_file: str | None = None
@@ -62,8 +61,8 @@ def _env_secret(name: str) -> Any:
 
 def build_resources(config_path: Path | None = None) -> dict[str, Any]:
     """Every resource the workflows need, from the operator config (validated here, early)."""
-    from resources.dbt import dbt_resource
     from resources.artifacts import ArtifactIOManager
+    from resources.dbt import dbt_resource
     from resources.mailer import MailerResource
     from resources.site import SitePublisherResource
 

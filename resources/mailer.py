@@ -1,13 +1,12 @@
 """Outgoing email as a resource; absent (None) when the operator config has no `smtp` section."""
 
-
 import dagster as dg
 
 from aios_dagster.connectors.email_smtp import SmtpMailer
 from resources.kernel import AiosKernel
 
 
-class MailerResource(dg.ConfigurableResource):  # type: ignore[misc]
+class MailerResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The operator's SMTP server, password from the environment variable the config names."""
 
     aios: AiosKernel

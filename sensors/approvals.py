@@ -5,7 +5,6 @@ approval id as run key: Dagster creates at most one run per key, ever. Approvals
 executed (`aios approvals approve --publish`) are skipped.
 """
 
-
 from collections.abc import Iterator
 
 import dagster as dg

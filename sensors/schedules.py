@@ -1,5 +1,7 @@
 """The weekly schedule: prepare the issue up to the approval gate at the operator's cadence."""
 
+from datetime import UTC, datetime
+
 import dagster as dg
 
 from aios_dagster.config import Cadence
@@ -18,11 +20,8 @@ def weekly_issue_schedule(cadence: Cadence) -> dg.ScheduleDefinition:
         description="Prepare this week's issue; it then waits for the operator's approval.",
     )
     def weekly_newsletter_issue(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-        partition = ISSUE_WEEKS.get_last_partition_key(
-            current_time=context.scheduled_execution_time
-        )
-        if partition is None:
-            raise dg.DagsterInvariantViolationError("no weekly partition exists yet")
+        when = context.scheduled_execution_time or datetime.now(UTC)
+        partition = ISSUE_WEEKS.get_partition_key_for_timestamp(when.timestamp())
         return dg.RunRequest(run_key=f"issue-{partition}", partition_key=partition)
 
     return weekly_newsletter_issue

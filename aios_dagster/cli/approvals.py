@@ -39,7 +39,7 @@ def list_approvals(
     _, kernel = load()
     if status not in (None, "pending", "approved", "rejected", "superseded"):
         raise fail(f"unknown status '{status}'", code=2)
-    rows = kernel.approvals.list(status=status)  # type: ignore[arg-type]
+    rows = kernel.approvals.requests(status=status)  # type: ignore[arg-type]
     if not rows:
         console.print("No approval requests" + (f" with status {status}." if status else "."))
         return
@@ -66,7 +66,9 @@ def show(approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")
     except ApprovalError as exc:
         raise fail(str(exc)) from None
     console.print(f"[bold]{approval.approval_id}[/]  ({approval.status})")
-    console.print(f"  action:        {approval.action} ({approval.workflow} {approval.partition_key})")
+    console.print(
+        f"  action:        {approval.action} ({approval.workflow} {approval.partition_key})"
+    )
     console.print(f"  content hash:  {approval.payload_hash}")
     console.print(f"  staged file:   {approval.payload_path}")
     tiers = payload.metadata.get("tiers", {})
@@ -83,8 +85,14 @@ def show(approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")
     console.rule()
 
 
-def _decide(approval_id: str, *, approve: bool, actor: str | None, reason: str | None,
-            expected_hash: str | None) -> tuple[Kernel, str]:
+def _decide(
+    approval_id: str,
+    *,
+    approve: bool,
+    actor: str | None,
+    reason: str | None,
+    expected_hash: str | None,
+) -> tuple[Kernel, str]:
     _, kernel = load()
     try:
         decided = kernel.approvals.decide(
@@ -111,8 +119,10 @@ def _publish(kernel: Kernel, approval_id: str) -> None:
     if not result.success:
         for message in failure_messages(result):
             console.print(f"[red]{message}[/]")
-        raise fail(f"run {result.run_id} failed; the approval stands, retry with "
-                   f"`aios approvals publish {approval_id}`")
+        raise fail(
+            f"run {result.run_id} failed; the approval stands, retry with "
+            f"`aios approvals publish {approval_id}`"
+        )
     for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization  # type: ignore[union-attr]
         url = materialization.metadata.get("url")
@@ -146,8 +156,10 @@ def approve(
     if publish:
         _publish(kernel, decided_id)
     else:
-        console.print("The approvals sensor will run it when the Dagster daemon is up "
-                      f"(or run: aios approvals publish {decided_id}).")
+        console.print(
+            "The approvals sensor will run it when the Dagster daemon is up "
+            f"(or run: aios approvals publish {decided_id})."
+        )
 
 
 @app.command("reject")

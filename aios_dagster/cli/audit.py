@@ -16,7 +16,9 @@ app = typer.Typer(help="Read the audit trail.", no_args_is_help=True)
 @app.command("events")
 def events(
     limit: Annotated[int, typer.Option("-n", help="How many, newest first.")] = 20,
-    kind: Annotated[str | None, typer.Option(help="decision, quarantine, approval, effect, fallback.")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="decision, quarantine, approval, effect, fallback.")
+    ] = None,
 ) -> None:
     """Decisions, quarantines, approvals and effects, with their reasons."""
     _, kernel = load()

@@ -27,7 +27,9 @@ app.add_typer(config_app, name="config")
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="Operator config file (default: $AIOS_CONFIG or ./aios.yaml)."),
+    typer.Option(
+        "--config", "-c", help="Operator config file (default: $AIOS_CONFIG or ./aios.yaml)."
+    ),
 ]
 
 
@@ -98,11 +100,13 @@ def run_command(
         )
         cost = metadata.get("cost_usd")
         table.add_row(key, str(made_by), f"{cost:.4f}" if isinstance(cost, float) else "", notes)
-        if "approval_id" in metadata and "approve_command" not in tickets:
+        if "approval_id" in metadata:
             tickets.append(metadata)
     console.print(table)
     for name, passed, findings in _check_results(result):
-        console.print(f"check [bold]{name}[/]: " + ("[green]passed[/]" if passed else "[red]FAILED[/]"))
+        console.print(
+            f"check [bold]{name}[/]: " + ("[green]passed[/]" if passed else "[red]FAILED[/]")
+        )
         if not passed:
             for finding, text in findings.items():
                 console.print(f"  {finding}: {text}")

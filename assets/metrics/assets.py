@@ -7,8 +7,8 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 
-from resources.dbt import dbt_facts_project, ensure_manifest
 from assets.newsletter.assets import APPROVAL_REQUEST, DRAFT, OUTLINE, PUBLISHED_ISSUE, SOURCES
+from resources.dbt import dbt_facts_project, ensure_manifest
 from resources.kernel import AiosKernel
 
 GROUP = "metrics"
@@ -76,5 +76,5 @@ metrics_refresh_job = dg.define_asset_job(
     description="Rebuild the metric models from the audit trail.",
 )
 
-ASSETS = [audit_llm_calls, audit_events, dbt_facts]
+ASSETS: list[dg.AssetsDefinition | dg.AssetSpec] = [audit_llm_calls, audit_events, dbt_facts]
 JOBS = [metrics_refresh_job]

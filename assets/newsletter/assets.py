@@ -5,7 +5,6 @@ sources (researcher) -> outline (planner) -> draft (drafter) -> editorial QA (bl
 only with an approval for that exact hash).
 """
 
-
 from typing import Any
 
 import dagster as dg
@@ -47,7 +46,9 @@ APPROVAL_REQUEST = dg.AssetKey(["newsletter", "approval_request"])
 PUBLISHED_ISSUE = dg.AssetKey(["newsletter", "published_issue"])
 
 
-def _step(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, key: dg.AssetKey) -> StepContext:
+def _step(
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, key: dg.AssetKey
+) -> StepContext:
     return StepContext(
         workflow=WORKFLOW,
         step=key.to_user_string(),
@@ -163,8 +164,7 @@ def outline(
     kernel.audit.flush()
     step = OutlineStep.model_validate(result.model_dump())
     preview = f"**{plan.title}**\n\n" + "\n".join(
-        f"- {s.heading}: "
-        + ", ".join(known[i].title for i in s.item_ids if i in known)
+        f"- {s.heading}: " + ", ".join(known[i].title for i in s.item_ids if i in known)
         for s in plan.sections
     )
     return dg.Output(step, metadata=_step_metadata(step, preview))
@@ -262,7 +262,9 @@ def editorial_qa(
     return dg.AssetCheckResult(
         passed=report.passed,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={f.check: f"{'pass' if f.passed else 'FAIL'}: {f.detail}" for f in report.findings},
+        metadata={
+            f.check: f"{'pass' if f.passed else 'FAIL'}: {f.detail}" for f in report.findings
+        },
     )
 
 
@@ -356,7 +358,7 @@ def published_issue(
     aios: AiosKernel,
     site: SitePublisherResource,
     mailer: MailerResource,
-) -> dg.MaterializeResult:
+) -> dg.MaterializeResult[None]:
     """Publish the approved issue for this week."""
     kernel = aios.kernel()
     partition = context.partition_key
@@ -419,9 +421,9 @@ def published_issue(
             "site_path": dg.MetadataValue.path(report.site_path),
             "approval_id": approval.approval_id,
             "payload_hash": approval.payload_hash,
-            "site_effect": "replayed" if report.site.replayed else (
-                "reconciled" if report.site.reconciled else "performed"
-            ),
+            "site_effect": "replayed"
+            if report.site.replayed
+            else ("reconciled" if report.site.reconciled else "performed"),
             "emails_sent": len(report.emailed),
             "emails_replayed": len(report.email_replayed),
             "subscriber_problems": len(report.subscriber_problems),
@@ -445,6 +447,12 @@ publish_newsletter_job = dg.define_asset_job(
     tags={"aios/workflow": WORKFLOW},
 )
 
-ASSETS = [sources, outline, draft, approval_request, published_issue]
+ASSETS: list[dg.AssetsDefinition | dg.AssetSpec] = [
+    sources,
+    outline,
+    draft,
+    approval_request,
+    published_issue,
+]
 CHECKS = [editorial_qa]
 JOBS = [newsletter_issue_job, publish_newsletter_job]

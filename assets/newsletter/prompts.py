@@ -5,6 +5,7 @@ orders to follow (promise 5)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 
 from aios_dagster.gateway import Prompt
 from assets.newsletter.models import DrafterInput, PlannerInput
@@ -34,7 +35,7 @@ Rules:
 {UNTRUSTED_NOTICE}"""
 
 
-def _items_block(input_items: list[dict[str, object]]) -> str:
+def _items_block(input_items: Sequence[Mapping[str, object]]) -> str:
     return "<source_items>\n" + json.dumps(input_items, indent=1) + "\n</source_items>"
 
 

@@ -20,8 +20,22 @@ SOURCES = "Sources"
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
 _md = MarkdownIt("commonmark", {"html": False})
 ALLOWED_TAGS = {
-    "a", "blockquote", "br", "code", "em", "h1", "h2", "h3", "h4", "hr", "li", "ol", "p",
-    "pre", "strong", "ul",
+    "a",
+    "blockquote",
+    "br",
+    "code",
+    "em",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "hr",
+    "li",
+    "ol",
+    "p",
+    "pre",
+    "strong",
+    "ul",
 }
 
 
@@ -38,7 +52,14 @@ def _link_target(url: str) -> str:
 
 def issue_markdown(draft: Draft, *, issue_date: str) -> str:
     """The issue as Markdown: title, date, intro, sections of stories, closing, sources."""
-    lines = [f"# {escape_markdown(draft.title)}", "", f"*{issue_date}*", "", escape_markdown(draft.intro), ""]
+    lines = [
+        f"# {escape_markdown(draft.title)}",
+        "",
+        f"*{issue_date}*",
+        "",
+        escape_markdown(draft.intro),
+        "",
+    ]
     sources: list[tuple[str, str]] = []
     for section in draft.sections:
         lines += [f"## {escape_markdown(section.heading)}", ""]
