@@ -246,7 +246,7 @@ class ApprovalDesk:
             raise ApprovalError(f"'{prefix}' matches {len(rows)} approvals: {ids}")
         return Approval.model_validate(dict(rows[0]))
 
-    def list(
+    def requests(
         self, *, status: ApprovalStatus | None = None, workflow: str | None = None
     ) -> list[Approval]:
         """Approvals, newest first, optionally filtered."""
