@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Generic, TypeVar
 
+import httpx2
 import openai
 from openai import OpenAI
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -77,6 +78,31 @@ def _client_for(base_url: str, api_key: str, timeout: float, max_retries: int) -
         return client
 
 
+def _billed(response: httpx2.Response) -> tuple[str | None, int, int]:
+    """The reply text and token usage of a chat completion body, read without trusting it."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, 0, 0
+    if not isinstance(body, dict):
+        return None, 0, 0
+    usage = body.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    prompt_tokens = usage.get("prompt_tokens")
+    completion_tokens = usage.get("completion_tokens")
+    content = None
+    choices = body.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message")
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            content = message["content"]
+    return (
+        content,
+        prompt_tokens if isinstance(prompt_tokens, int) and prompt_tokens >= 0 else 0,
+        completion_tokens if isinstance(completion_tokens, int) and completion_tokens >= 0 else 0,
+    )
+
+
 class LLMGateway:
     """The single entry point for model calls; every call is priced and audited."""
 
@@ -121,7 +147,7 @@ class LLMGateway:
             partition_key=context.partition_key,
             step=context.step,
             role=role,
-            tier=tier,  # type: ignore[arg-type]
+            tier=tier,
             model=model_tier.model,
             status="error",
             prompt=prompt.as_text(),
@@ -129,7 +155,9 @@ class LLMGateway:
             run_id=context.run_id,
         )
         try:
-            completion = client.chat.completions.parse(
+            # The raw response first: a reply that fails to parse was still answered and billed,
+            # so its tokens, cost and text are recorded before parsing can raise.
+            raw = client.chat.completions.with_raw_response.parse(
                 model=model_tier.model,
                 messages=[
                     {"role": "system", "content": prompt.system},
@@ -144,22 +172,23 @@ class LLMGateway:
             record.error = f"{type(exc).__name__}: {exc}"
             self.audit.record_call(record)
             raise LLMCallFailed(record.error) from exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        record.latency_ms = latency_ms
+        record.output, prompt_tokens, completion_tokens = _billed(raw.http_response)
+        record.prompt_tokens = prompt_tokens
+        record.completion_tokens = completion_tokens
+        record.cost_usd = cost = cost_usd(price, prompt_tokens, completion_tokens)
+        try:
+            completion = raw.parse()
+        except openai.APIError as exc:
+            record.error = f"{type(exc).__name__}: {exc}"
+            self.audit.record_call(record)
+            raise LLMCallFailed(record.error) from exc
         except (ValidationError, json.JSONDecodeError, openai.OpenAIError) as exc:
-            record.latency_ms = (time.perf_counter() - started) * 1000
             record.error = f"output does not fit {output_model.__name__}: {exc}"
             self.audit.record_call(record)
             raise LLMOutputInvalid(record.error) from exc
-        latency_ms = (time.perf_counter() - started) * 1000
-        usage = completion.usage
-        prompt_tokens = usage.prompt_tokens if usage else 0
-        completion_tokens = usage.completion_tokens if usage else 0
-        cost = cost_usd(price, prompt_tokens, completion_tokens)
         message = completion.choices[0].message if completion.choices else None
-        record.latency_ms = latency_ms
-        record.prompt_tokens = prompt_tokens
-        record.completion_tokens = completion_tokens
-        record.cost_usd = cost
-        record.output = message.content if message else None
         parsed = message.parsed if message else None
         if parsed is None:
             refusal = getattr(message, "refusal", None)

@@ -1,0 +1,27 @@
+"""Real stand-ins for remote services, served on 127.0.0.1 for the test suite (no SDK mocks)."""
+
+from tests.fakes.openai_server import (
+    FakeOpenAIServer,
+    Fault,
+    RecordedRequest,
+    Responder,
+    ResponderResult,
+    ScriptedResponder,
+    count_tokens,
+    minimal_instance,
+    prompt_tokens_for,
+    schema_responder,
+)
+
+__all__ = [
+    "FakeOpenAIServer",
+    "Fault",
+    "RecordedRequest",
+    "Responder",
+    "ResponderResult",
+    "ScriptedResponder",
+    "count_tokens",
+    "minimal_instance",
+    "prompt_tokens_for",
+    "schema_responder",
+]
