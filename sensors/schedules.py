@@ -1,6 +1,7 @@
 """The weekly schedule: prepare the issue up to the approval gate at the operator's cadence."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
+from zoneinfo import ZoneInfo
 
 import dagster as dg
 
@@ -21,7 +22,20 @@ def weekly_issue_schedule(cadence: Cadence) -> dg.ScheduleDefinition:
     )
     def weekly_newsletter_issue(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         when = context.scheduled_execution_time or datetime.now(UTC)
-        partition = ISSUE_WEEKS.get_partition_key_for_timestamp(when.timestamp())
+        partition = issue_week_for(when, cadence.timezone)
         return dg.RunRequest(run_key=f"issue-{partition}", partition_key=partition)
 
     return weekly_newsletter_issue
+
+
+def issue_week_for(moment: datetime, timezone: str) -> str:
+    """The issue (weekly partition) of the operator's local week at `moment`.
+
+    The partitions are UTC weeks; the cadence is local. Monday 07:00 in Auckland is still Sunday
+    in UTC, and Sunday 20:00 in Los Angeles is already Monday: picking by the UTC instant would
+    prepare last week's issue (whose run key already exists, so nothing would run) or next
+    week's. The operator's local calendar date decides.
+    """
+    local_date = moment.astimezone(ZoneInfo(timezone)).date()
+    noon = datetime.combine(local_date, time(12), tzinfo=UTC)
+    return ISSUE_WEEKS.get_partition_key_for_timestamp(noon.timestamp())

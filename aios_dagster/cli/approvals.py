@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from aios_dagster.approvals import ApprovalError, ApprovalStatus
 from aios_dagster.cli.launch import failure_messages, launch_approved
@@ -43,14 +45,19 @@ def list_approvals(
     if not rows:
         console.print("No approval requests" + (f" with status {status}." if status else "."))
         return
-    table = Table("id", "status", "title", "requested", "decided by", "published")
+    table = Table()
+    # The id is what the operator types next: never truncated or wrapped.
+    table.add_column("id", no_wrap=True, min_width=max(len(a.approval_id) for a in rows))
+    for header in ("status", "title", "requested", "decided by", "published"):
+        table.add_column(header)
     for a in rows:
+        # Titles come from feeds and the operator's --as: plain text, never Rich markup.
         table.add_row(
-            a.approval_id,
+            Text(a.approval_id),
             a.status,
-            a.title,
+            Text(a.title),
             a.requested_at[:19].replace("T", " "),
-            a.decided_by or "",
+            Text(a.decided_by or ""),
             (a.executed_at or "")[:19].replace("T", " "),
         )
     console.print(table)
@@ -65,21 +72,24 @@ def show(approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")
         payload = kernel.approvals.load_payload(approval)
     except ApprovalError as exc:
         raise fail(str(exc)) from None
-    console.print(f"[bold]{approval.approval_id}[/]  ({approval.status})")
+    console.print(f"[bold]{escape(approval.approval_id)}[/]  ({approval.status})")
+    console.print(f"  title:         {approval.title}", markup=False)
     console.print(
         f"  action:        {approval.action} ({approval.workflow} {approval.partition_key})"
     )
     console.print(f"  content hash:  {approval.payload_hash}")
-    console.print(f"  staged file:   {approval.payload_path}")
+    console.print(f"  staged file:   {approval.payload_path}", soft_wrap=True, markup=False)
     tiers = payload.metadata.get("tiers", {})
     if tiers:
-        console.print(f"  made by:       {tiers}")
+        console.print(f"  made by:       {tiers}", markup=False)
     if "cost_so_far_usd" in payload.metadata:
         console.print(f"  cost so far:   ${payload.metadata['cost_so_far_usd']:.4f}")
     if approval.decided_by:
-        console.print(f"  decided by:    {approval.decided_by} at {approval.decided_at}")
+        console.print(
+            f"  decided by:    {approval.decided_by} at {approval.decided_at}", markup=False
+        )
     if approval.decision_reason:
-        console.print(f"  reason:        {approval.decision_reason}")
+        console.print(f"  reason:        {approval.decision_reason}", markup=False)
     console.rule()
     console.print(Markdown(payload.markdown))
     console.rule()
@@ -106,7 +116,8 @@ def _decide(
         raise fail(str(exc)) from None
     verb = "Approved" if approve else "Rejected"
     console.print(
-        f"{verb} {decided.approval_id} (hash {decided.payload_hash[:12]}) as {decided.decided_by}."
+        f"{verb} {decided.approval_id} (hash {decided.payload_hash[:12]}) as {decided.decided_by}.",
+        markup=False,
     )
     return kernel, decided.approval_id
 
@@ -118,7 +129,7 @@ def _publish(kernel: Kernel, approval_id: str) -> None:
     result = launch_approved(kernel, approval)
     if not result.success:
         for message in failure_messages(result):
-            console.print(f"[red]{message}[/]")
+            console.print(f"[red]{escape(message)}[/]")
         raise fail(
             f"run {result.run_id} failed; the approval stands, retry with "
             f"`aios approvals publish {approval_id}`"
@@ -128,9 +139,9 @@ def _publish(kernel: Kernel, approval_id: str) -> None:
         url = materialization.metadata.get("url")
         path = materialization.metadata.get("site_path")
         if url is not None:
-            console.print(f"Published: {getattr(url, 'value', url)}")
+            console.print(f"Published: {getattr(url, 'value', url)}", soft_wrap=True)
         if path is not None:
-            console.print(f"  file: {getattr(path, 'value', path)}")
+            console.print(f"  file: {getattr(path, 'value', path)}", soft_wrap=True, markup=False)
         sent = materialization.metadata.get("emails_sent")
         if sent is not None:
             console.print(f"  emails sent: {getattr(sent, 'value', sent)}")

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import dagster as dg
 import typer
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
 
 from aios_dagster.cli import approvals as approvals_cli
@@ -109,10 +110,10 @@ def run_command(
         )
         if not passed:
             for finding, text in findings.items():
-                console.print(f"  {finding}: {text}")
+                console.print(f"  {finding}: {text}", markup=False)
     if not result.success:
         for message in failure_messages(result):
-            console.print(f"[red]{message}[/]")
+            console.print(f"[red]{escape(message)}[/]")
         raise fail(f"run {result.run_id} failed")
     aios = aios_command()
     for ticket in tickets:
@@ -124,13 +125,21 @@ def run_command(
         )
         console.print()
         console.print(
-            f"[bold]{approval.title}[/] is waiting for your approval ({approval.status})."
+            f"[bold]{escape(approval.title)}[/] is waiting for your approval ({approval.status})."
         )
-        console.print(f"  Draft (Markdown):  {markdown_path}")
-        console.print(f"  Draft (HTML):      {html_path}")
-        console.print(f"  Review it:         {aios} approvals show {approval.approval_id}")
+        # Paths and commands are printed whole (never wrapped at the console width, never read
+        # as markup): the operator copies them from pipes and CI logs too.
+        console.print(f"  Draft (Markdown):  {markdown_path}", soft_wrap=True, markup=False)
+        console.print(f"  Draft (HTML):      {html_path}", soft_wrap=True, markup=False)
         console.print(
-            f"  Approve & publish: {aios} approvals approve {approval.approval_id} --publish"
+            f"  Review it:         {aios} approvals show {approval.approval_id}",
+            soft_wrap=True,
+            markup=False,
+        )
+        console.print(
+            f"  Approve & publish: {aios} approvals approve {approval.approval_id} --publish",
+            soft_wrap=True,
+            markup=False,
         )
 
 

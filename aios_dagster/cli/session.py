@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from aios_dagster.config import CONFIG_ENV_VAR, AiosConfig, ConfigError, load_config
 from aios_dagster.kernel import Kernel
@@ -21,7 +22,7 @@ errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print an error for the operator and return the exit to raise."""
-    errors.print(f"[bold red]error:[/] {message}")
+    errors.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code)
 
 
