@@ -250,7 +250,8 @@ class ApprovalDesk:
         self, *, status: ApprovalStatus | None = None, workflow: str | None = None
     ) -> list[Approval]:
         """Approvals, newest first, optionally filtered."""
-        clauses, params = [], {}
+        clauses: list[str] = []
+        params: dict[str, str] = {}
         if status:
             clauses.append("status = :status")
             params["status"] = status
@@ -348,9 +349,16 @@ class ApprovalDesk:
         """The staged payload, verified against the hash the approval is bound to."""
         path = Path(approval.payload_path)
         try:
-            payload = StagedPayload.model_validate_json(path.read_bytes())
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise NotAuthorized(f"the staged payload {path} is missing") from None
+        try:
+            payload = StagedPayload.model_validate_json(raw)
+        except ValueError:  # pydantic's ValidationError: damaged bytes, not JSON, wrong shape
+            raise NotAuthorized(
+                f"the staged payload {path} is unreadable: it was altered after staging and "
+                f"no longer matches hash {approval.payload_hash[:10]}"
+            ) from None
         if payload.digest() != approval.payload_hash:
             raise NotAuthorized(
                 f"the staged payload {path} no longer matches hash {approval.payload_hash[:10]}"

@@ -136,18 +136,16 @@ class AuditLog:
 
     def record_call(self, record: LLMCallRecord) -> None:
         """Buffer one LLM call row."""
-        row = record.model_dump()
-        row["prompt"] = self.redactor(row["prompt"])
-        row["output"] = self.redactor(row["output"])
-        row["error"] = self.redactor(row["error"])
+        # Every text field, not only prompt/output/error: a secret can land anywhere.
+        row = self.redactor.scrub(record.model_dump())
         with self._lock:
             self._calls.append(row)
 
     def record(self, event: AuditEvent) -> None:
         """Buffer one decision/quarantine/approval/effect event."""
-        row = event.model_dump()
-        row["reason"] = self.redactor(row["reason"])
-        row["detail"] = json.dumps(self.redactor.scrub(row["detail"]), default=str)
+        # Subject, actor, decision and step are audited text too (a URL with a key, an error).
+        row = self.redactor.scrub(event.model_dump())
+        row["detail"] = json.dumps(row["detail"], default=str)
         with self._lock:
             self._events.append(row)
 
@@ -161,7 +159,7 @@ class AuditLog:
         with self._lock:
             calls, self._calls = self._calls, []
             events, self._events = self._events, []
-        if not calls and not events and not self._spooled_files():
+        if not calls and not events and not self._spooled_files() and not self._claimed_files():
             return
         original_wait = self.warehouse.lock_wait_seconds
         self.warehouse.lock_wait_seconds = self.flush_wait_seconds
@@ -178,6 +176,13 @@ class AuditLog:
         if not self.spool_dir.exists():
             return []
         return sorted(self.spool_dir.glob("*.jsonl"))
+
+    def _claimed_files(self) -> list[Path]:
+        # Spool files claimed for ingestion; those of a dead process must be reclaimed even
+        # when nothing new is buffered (e.g. `aios audit events` right after a crash).
+        if not self.spool_dir.exists():
+            return []
+        return sorted(self.spool_dir.glob("*.ingesting-*"))
 
     def _spool(self, calls: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
         if not calls and not events:

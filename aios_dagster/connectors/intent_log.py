@@ -26,7 +26,6 @@ from aios_dagster.connectors.base import (
     EffectFailed,
     EffectRequest,
     OutcomeUnknowable,
-    OutcomeUnknown,
     Receipt,
 )
 from aios_dagster.crashpoints import crash_point
@@ -164,8 +163,11 @@ class IntentLog:
         except EffectFailed as exc:
             self._finish(key, "failed", None, str(exc), context, request, connector)
             raise
-        except OutcomeUnknown as exc:
-            self._note_error(key, str(exc))
+        except Exception as exc:
+            # OutcomeUnknown, or any other error mid-call (disk full, a bug): the effect may
+            # have happened. Release the lease, keep it in flight: the next attempt (even in
+            # this process) reconciles through lookup instead of waiting out our lease.
+            self._note_error(key, str(exc) or type(exc).__name__)
             raise
         crash_point(f"{connector.name}.after_call")
         self._finish(key, "succeeded", receipt, None, context, request, connector)
