@@ -15,8 +15,19 @@ import dagster as dg
 from aios_dagster.config import AiosConfig, config_path_from_env, load_config, parse_config
 from aios_dagster.kernel import Kernel
 
-_kernels: dict[tuple[str | None, str, str], Kernel] = {}
+_kernels: dict[tuple[str | None, tuple[int, int], str, str], Kernel] = {}
 _kernels_lock = threading.Lock()
+
+
+def _file_version(path: str | None) -> tuple[int, int]:
+    # An edited config file builds a fresh kernel in a long-lived process (code server, daemon).
+    if not path:
+        return (0, 0)
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
 
 
 class AiosKernel(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -38,11 +49,15 @@ class AiosKernel(dg.ConfigurableResource):  # type: ignore[type-arg]
     def kernel(self) -> Kernel:
         """The kernel for this config, built once per process."""
         key_digest = hashlib.sha256((self.llm_api_key or "").encode()).hexdigest()
-        cache_key = (self.config_file, self.base_dir, key_digest)
+        cache_key = (self.config_file, _file_version(self.config_file), self.base_dir, key_digest)
         with _kernels_lock:
             kernel = _kernels.get(cache_key)
             if kernel is None:
-                kernel = Kernel.build(self.operator_config(), llm_api_key=self.llm_api_key)
+                config = self.operator_config()
+                smtp_password = os.environ.get(config.smtp.password_env) if config.smtp else None
+                kernel = Kernel.build(
+                    config, llm_api_key=self.llm_api_key, smtp_password=smtp_password
+                )
                 _kernels[cache_key] = kernel
             return kernel
 

@@ -39,7 +39,10 @@ def load() -> tuple[AiosConfig, Kernel]:
     except ConfigError as exc:
         raise fail(str(exc), code=2) from None
     secret_name = config.llm.endpoint.api_key_env
-    return config, Kernel.build(config, llm_api_key=os.environ.get(secret_name))
+    smtp_password = os.environ.get(config.smtp.password_env) if config.smtp else None
+    return config, Kernel.build(
+        config, llm_api_key=os.environ.get(secret_name), smtp_password=smtp_password
+    )
 
 
 def aios_command() -> str:

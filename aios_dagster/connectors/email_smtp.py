@@ -110,7 +110,8 @@ class SmtpMailer(Connector):
     def lookup(self, key: str) -> Receipt | None:
         """SMTP has no way to ask; an unknown outcome goes to the operator."""
         raise OutcomeUnknowable(
-            f"SMTP cannot confirm delivery; search the mail log for Message-ID {message_id_for(key)}"
+            "SMTP cannot confirm delivery; search the mail log for Message-ID "
+            + message_id_for(key)
         )
 
     def health(self) -> HealthReport:

@@ -70,6 +70,23 @@ class EffectOutcome(BaseModel):
     detail: dict[str, object] = {}
 
 
+class IntentRecord(BaseModel):
+    """One effect as the ledger knows it."""
+
+    idempotency_key: str
+    workflow: str
+    item_key: str
+    action: str
+    target: str
+    connector: str
+    payload_hash: str
+    state: IntentState
+    attempts: int
+    provider_id: str | None
+    last_error: str | None
+    updated_at: str
+
+
 class EffectNeedsOperator(RuntimeError):
     """The effect's outcome cannot be known; the operator must look before anything is resent."""
 
@@ -124,6 +141,98 @@ class IntentLog:
                 sa.text("SELECT state FROM intents WHERE idempotency_key = :k"), {"k": key}
             ).scalar_one_or_none()
         return value  # type: ignore[no-any-return]
+
+    def effects(self, *, state: IntentState | None = None, limit: int = 100) -> list[IntentRecord]:
+        """Recorded effects, most recently updated first, optionally in one state."""
+        where = "WHERE state = :state" if state else ""
+        with self.ledger.transaction() as tx:
+            rows = (
+                tx.execute(
+                    sa.text(
+                        "SELECT idempotency_key, workflow, item_key, action, target, connector,"
+                        " payload_hash, state, attempts, provider_id, last_error, updated_at"
+                        f" FROM intents {where} ORDER BY updated_at DESC LIMIT :n"
+                    ),
+                    {"state": state, "n": limit},
+                )
+                .mappings()
+                .all()
+            )
+        return [IntentRecord.model_validate(dict(row)) for row in rows]
+
+    def resolve(self, key: str, *, happened: bool, actor: str, note: str) -> IntentRecord:
+        """The operator's verdict on an effect whose outcome only they could establish.
+
+        `happened=True` records it as succeeded (never performed again); `happened=False`
+        records it as failed, so the next run performs it.
+        """
+        state: IntentState = "succeeded" if happened else "failed"
+        with self.ledger.transaction() as tx:
+            row = (
+                tx.execute(
+                    sa.text(
+                        "SELECT state, workflow, item_key, action, target, connector, payload_hash"
+                        " FROM intents WHERE idempotency_key = :k"
+                    ),
+                    {"k": key},
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise KeyError(f"no effect with key {key}")
+            if row["state"] != "needs_operator":
+                raise ValueError(
+                    f"effect {key} is {row['state']}; only effects waiting for the operator "
+                    "(needs_operator) can be resolved by hand"
+                )
+            tx.execute(
+                sa.text(
+                    "UPDATE intents SET state = :s, provider_id = :pid, outcome = :out,"
+                    " last_error = :err, updated_at = :now WHERE idempotency_key = :k"
+                ),
+                {
+                    "s": state,
+                    "pid": f"operator:{actor}" if happened else None,
+                    "out": json.dumps({"resolved_by": actor, "note": note}),
+                    "err": None if happened else f"operator: did not happen ({note})",
+                    "now": utc_now(),
+                    "k": key,
+                },
+            )
+        self.audit.record(
+            AuditEvent(
+                kind="effect",
+                workflow=row["workflow"],
+                partition_key=row["item_key"],
+                actor=actor,
+                subject=f"{row['action']}:{row['target']}",
+                decision=f"resolved by operator: {'happened' if happened else 'did not happen'}",
+                reason=note,
+                detail={"idempotency_key": key, "connector": row["connector"]},
+            )
+        )
+        self.audit.flush()
+        resolved = self.effects_by_key(key)
+        assert resolved is not None
+        return resolved
+
+    def effects_by_key(self, key: str) -> IntentRecord | None:
+        """One recorded effect (a key prefix is accepted when it is unique)."""
+        with self.ledger.transaction() as tx:
+            rows = (
+                tx.execute(
+                    sa.text(
+                        "SELECT idempotency_key, workflow, item_key, action, target, connector,"
+                        " payload_hash, state, attempts, provider_id, last_error, updated_at"
+                        " FROM intents WHERE idempotency_key LIKE :k LIMIT 2"
+                    ),
+                    {"k": key.replace("%", "") + "%"},  # "_" matches itself too
+                )
+                .mappings()
+                .all()
+            )
+        return IntentRecord.model_validate(dict(rows[0])) if len(rows) == 1 else None
 
     def execute(
         self,

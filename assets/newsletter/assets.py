@@ -415,12 +415,27 @@ def published_issue(
         )
     finally:
         kernel.audit.flush()
-    if report.email_failed or report.email_needs_operator:
-        problems = {**report.email_failed, **report.email_needs_operator}
+    if report.email_needs_operator:
         raise dg.Failure(
-            f"issue {partition} is on the site ({report.url}) but {len(problems)} emails did "
-            "not go out; a retry sends only those that did not",
-            metadata={"problems": dg.MetadataValue.json(problems)},
+            f"issue {partition} is on the site ({report.url}), but "
+            f"{len(report.email_needs_operator)} emails may have gone out before a worker died;"
+            " they will NOT be resent. Check the mail log for their Message-IDs, then settle"
+            " them with `aios effects resolve`."
+            + (
+                f" {len(report.email_failed)} other emails failed and a retry sends only those."
+                if report.email_failed
+                else ""
+            ),
+            metadata={
+                "needs_operator": dg.MetadataValue.json(report.email_needs_operator),
+                "failed": dg.MetadataValue.json(report.email_failed),
+            },
+        )
+    if report.email_failed:
+        raise dg.Failure(
+            f"issue {partition} is on the site ({report.url}) but {len(report.email_failed)} "
+            "emails did not go out; a retry sends only those",
+            metadata={"failed": dg.MetadataValue.json(report.email_failed)},
         )
     return dg.MaterializeResult(
         metadata={
