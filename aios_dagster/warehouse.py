@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
+import pyarrow as pa  # type: ignore[import-untyped]
 from tenacity import (
     RetryError,
     Retrying,

@@ -4,6 +4,7 @@ run performs it again or never."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -17,10 +18,8 @@ from tests.test_intent_log import REQUEST, FakeConnector, _context
 def _stranded(kernel: Kernel, connector: FakeConnector) -> str:
     """An effect whose call died with an unknown outcome, then could not be reconciled."""
     connector.fail_with = OutcomeUnknown("connection reset mid-send")
-    try:
+    with contextlib.suppress(OutcomeUnknown):
         kernel.intents.execute(connector, REQUEST, connector.perform, _context("run-1"))
-    except OutcomeUnknown:
-        pass
     connector.fail_with = None
     connector.lookup_answer = OutcomeUnknowable("SMTP cannot be asked")
     try:

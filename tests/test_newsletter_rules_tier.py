@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -9,13 +10,17 @@ import dagster as dg
 from aios_dagster.kernel import Kernel
 from tests.conftest import ISSUE, materialize
 
+PrepareIssue = Callable[..., dg.ExecuteInProcessResult]
+
 
 def _ticket(result: dg.ExecuteInProcessResult) -> str:
     value = result.output_for_node("newsletter__approval_request")
     return str(value.approval_id)
 
 
-def test_rules_tier_prepares_an_issue_up_to_the_gate(config_path: Path, kernel: Kernel, prepare_issue) -> None:  # type: ignore[no-untyped-def]
+def test_rules_tier_prepares_an_issue_up_to_the_gate(
+    config_path: Path, kernel: Kernel, prepare_issue: PrepareIssue
+) -> None:
     result = prepare_issue()
     assert result.success
     draft = result.output_for_node("newsletter__draft")
@@ -34,14 +39,18 @@ def test_rules_tier_prepares_an_issue_up_to_the_gate(config_path: Path, kernel: 
     }
 
 
-def test_publish_without_approval_fails_and_publishes_nothing(config_path: Path, kernel: Kernel, prepare_issue) -> None:  # type: ignore[no-untyped-def]
+def test_publish_without_approval_fails_and_publishes_nothing(
+    config_path: Path, kernel: Kernel, prepare_issue: PrepareIssue
+) -> None:
     prepare_issue()
     result = materialize(config_path, "key:newsletter/published_issue")
     assert not result.success
     assert not (kernel.config.site_path / "posts").exists()
 
 
-def test_approved_issue_is_published_once(config_path: Path, kernel: Kernel, prepare_issue) -> None:  # type: ignore[no-untyped-def]
+def test_approved_issue_is_published_once(
+    config_path: Path, kernel: Kernel, prepare_issue: PrepareIssue
+) -> None:
     approval_id = _ticket(prepare_issue())
     kernel.approvals.decide(approval_id, approve=True, actor="operator:test")
     tags = {"aios/approval_id": approval_id}

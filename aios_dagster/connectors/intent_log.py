@@ -137,10 +137,10 @@ class IntentLog:
     def state_of(self, key: str) -> IntentState | None:
         """The recorded state of an effect, or None if never seen."""
         with self.ledger.transaction() as tx:
-            value = tx.execute(
+            value: IntentState | None = tx.execute(
                 sa.text("SELECT state FROM intents WHERE idempotency_key = :k"), {"k": key}
             ).scalar_one_or_none()
-        return value  # type: ignore[no-any-return]
+        return value
 
     def effects(self, *, state: IntentState | None = None, limit: int = 100) -> list[IntentRecord]:
         """Recorded effects, most recently updated first, optionally in one state."""

@@ -150,7 +150,8 @@ class StaticSitePublisher(Connector):
             author = ET.SubElement(entry, f"{{{ATOM_NS}}}author")
             ET.SubElement(author, f"{{{ATOM_NS}}}name").text = self.site_title
         ET.indent(feed)
-        return ET.tostring(feed, encoding="utf-8", xml_declaration=True)
+        document: bytes = ET.tostring(feed, encoding="utf-8", xml_declaration=True)
+        return document
 
     def health(self) -> HealthReport:
         """The site folder exists or can be created, and is writable."""
