@@ -10,14 +10,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -29,10 +32,17 @@ DEFAULT_CONFIG_FILE = "aios.yaml"
 
 ENV_VAR_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
-EmailAddress = Annotated[
-    str,
-    Field(pattern=r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[A-Za-z0-9-]{2,}$", max_length=254),
-]
+EMAIL_ADDRESS = re.compile(r"^[^@\s<>\"',;]+@[^@\s<>\"',;]+\.[A-Za-z0-9-]{2,}$")
+
+
+def _email_address(value: str) -> str:
+    # A pattern constraint would report the regular expression; say what is expected instead.
+    if not EMAIL_ADDRESS.match(value):
+        raise ValueError(f"'{value}' is not an email address such as name@example.com")
+    return value
+
+
+EmailAddress = Annotated[str, Field(max_length=254), AfterValidator(_email_address)]
 """An address without display name: enough to catch typos; the SMTP server has the last word."""
 
 
@@ -42,6 +52,21 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_value_means_default(cls, data: Any) -> Any:
+        """`key:` with nothing after it (YAML null) means the default, as if the key were
+        deleted; keys whose value may be empty (base_url, notes_dir, smtp) keep their null."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None
+            or key not in cls.model_fields
+            or type(None) in get_args(cls.model_fields[key].annotation)
+        }
 
 
 class OperatorIdentity(_Section):
@@ -107,31 +132,42 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
 }
 
 
+def _default_tiers() -> dict[Literal["draft", "verify"], ModelTier]:
+    return {
+        "draft": ModelTier(model="gpt-4o-mini"),
+        "verify": ModelTier(model="gpt-4o", max_output_tokens=2000),
+    }
+
+
+def _default_roles() -> dict[str, TierName]:
+    return {"planner": "draft", "drafter": "draft"}
+
+
 class LLMSettings(_Section):
-    """Where models live, which model each tier uses, what each costs, and which tier a role uses."""
+    """Where models live, which model each tier uses, what each costs, which tier a role uses."""
 
     endpoint: Endpoint = Endpoint()
-    tiers: dict[Literal["draft", "verify"], ModelTier] = Field(
-        default_factory=lambda: {
-            "draft": ModelTier(model="gpt-4o-mini"),
-            "verify": ModelTier(model="gpt-4o", max_output_tokens=2000),
-        }
-    )
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    tiers: dict[Literal["draft", "verify"], ModelTier] = Field(default_factory=_default_tiers)
     roles: dict[str, TierName] = Field(
-        default_factory=lambda: {"planner": "draft", "drafter": "draft"},
+        default_factory=_default_roles,
         description="Tier per agent role; a role not listed runs on the draft tier.",
     )
-    prices: dict[str, ModelPrice] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _every_tier_is_priced(self) -> LLMSettings:
-        for tier_name, tier in self.tiers.items():
-            if tier.model not in self.price_table():
+    @field_validator("tiers")
+    @classmethod
+    def _every_tier_is_priced(
+        cls, tiers: dict[str, ModelTier], info: ValidationInfo
+    ) -> dict[str, ModelTier]:
+        # `prices` is declared first, so it is validated (and in info.data) by now.
+        known = {**DEFAULT_PRICES, **info.data.get("prices", {})}
+        for tier_name, tier in tiers.items():
+            if tier.model not in known:
                 raise ValueError(
-                    f"tiers.{tier_name}.model '{tier.model}' has no price: add it under "
-                    "llm.prices (a model that cannot be priced is never called)"
+                    f"{tier_name}.model '{tier.model}' has no price: add it under llm.prices "
+                    "(a model that cannot be priced is never called)"
                 )
-        return self
+        return tiers
 
     def price_table(self) -> dict[str, ModelPrice]:
         """Built-in prices overlaid with the operator's own."""
@@ -280,8 +316,13 @@ class AiosConfig(_Section):
     newsletter: NewsletterSettings = NewsletterSettings()
     smtp: SmtpSettings | None = None
 
-    base_dir: Annotated[Path, Field(exclude=True)] = Path()
-    """Directory relative paths are resolved against (the config file's folder)."""
+    _base_dir: Path = PrivateAttr(default_factory=Path)
+    # Not a field: it comes from where the file is, never from what it says.
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory relative paths are resolved against (the config file's folder)."""
+        return self._base_dir
 
     def resolve(self, path: Path) -> Path:
         """A config path made absolute against the config file's folder."""
@@ -321,7 +362,9 @@ def _format_errors(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: Any, *, source: str = "(inline)", base_dir: Path | None = None) -> AiosConfig:
+def parse_config(
+    data: Any, *, source: str = "(inline)", base_dir: Path | None = None
+) -> AiosConfig:
     """Validate already-loaded YAML data; raises ConfigError naming each bad key."""
     if data is None:
         data = {}
@@ -331,7 +374,8 @@ def parse_config(data: Any, *, source: str = "(inline)", base_dir: Path | None =
         config = AiosConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc)) from None
-    return config.model_copy(update={"base_dir": (base_dir or Path.cwd()).resolve()})
+    config._base_dir = (base_dir or Path.cwd()).resolve()
+    return config
 
 
 def config_path_from_env() -> Path | None:

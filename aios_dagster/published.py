@@ -85,10 +85,12 @@ class PublishedWork:
             params["before"] = before
         return self._select(clause + " ORDER BY partition_key DESC LIMIT :n", params)
 
-    def all_source_urls(self, workflow: str) -> set[str]:
-        """Every source URL any publication of this workflow covered."""
+    def source_urls_before(self, workflow: str, partition_key: str) -> set[str]:
+        """Every source URL covered by publications of earlier work items (so re-running or
+        backfilling an issue never drops its own items)."""
         urls: set[str] = set()
-        for output in self._select("WHERE workflow = :w", {"w": workflow}):
+        clause = "WHERE workflow = :w AND partition_key < :p"
+        for output in self._select(clause, {"w": workflow, "p": partition_key}):
             urls.update(output.source_urls)
         return urls
 

@@ -1,1 +1,1 @@
-"""Outside content: feeds and notes read into screened source items, problems kept for quarantine."""
+"""Outside content: feeds and notes read into screened source items, problems kept aside."""

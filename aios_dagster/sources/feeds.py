@@ -7,7 +7,9 @@ sanitizer off, so that hostile markup is seen and quarantined rather than silent
 
 from __future__ import annotations
 
+import codecs
 import re
+import time
 from calendar import timegm
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +24,22 @@ from aios_dagster.sources.screening import broken_encoding, hostile_markup, html
 
 USER_AGENT = "aios-dagster/0.1 (+feed reader)"
 XML_DECLARATION = re.compile(rb"^\s*<\?xml[^>]*?encoding=[\"']([A-Za-z0-9._-]+)[\"']", re.I)
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+"""Checked in this order: the UTF-32 LE mark begins with the UTF-16 LE one."""
+ENTITY_DECLARATION = re.compile(rb"<!ENTITY", re.I)
+TRUNCATION_ERRORS = (
+    "no element found",
+    "unclosed token",
+    "unclosed cdata section",
+    "partial character",
+)
+"""Expat's words for a document that stops before its root element is closed."""
 
 
 class FeedProblem(BaseModel):
@@ -58,10 +76,17 @@ def fetch_feed_bytes(location: str, *, timeout: float, max_bytes: int) -> tuple[
                     raise FeedUnavailable(f"HTTP {response.status_code} from {location}")
                 chunks: list[bytes] = []
                 size = 0
+                # httpx's timeout bounds each read, not the whole body: a server dripping a
+                # byte at a time could hold the run for hours. Bound the total as well.
+                deadline = time.monotonic() + timeout
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > max_bytes:
                         raise FeedUnavailable(f"larger than {max_bytes} bytes")
+                    if time.monotonic() > deadline:
+                        raise FeedUnavailable(
+                            f"{location} took longer than {timeout:g} seconds to send"
+                        )
                     chunks.append(chunk)
                 return b"".join(chunks), response.charset_encoding
         except httpx.HTTPError as exc:
@@ -80,8 +105,11 @@ def decode_feed(data: bytes, transport_charset: str | None) -> tuple[bytes, bool
     """UTF-8 bytes with a matching declaration, and whether any bytes had to be replaced."""
     declared = XML_DECLARATION.match(data)
     encoding = transport_charset or (declared.group(1).decode() if declared else "utf-8")
-    if data.startswith(b"\xef\xbb\xbf"):
-        data, encoding = data[3:], "utf-8"
+    for bom, bom_encoding in BYTE_ORDER_MARKS:
+        if data.startswith(bom):
+            # A byte order mark outranks every declaration (XML 1.0, appendix F).
+            data, encoding = data[len(bom) :], bom_encoding
+            break
     try:
         text = data.decode(encoding)
         damaged = False
@@ -89,10 +117,10 @@ def decode_feed(data: bytes, transport_charset: str | None) -> tuple[bytes, bool
         text, damaged = data.decode("utf-8", errors="replace"), True
     except UnicodeDecodeError:
         text, damaged = data.decode(encoding, errors="replace"), True
-    if declared:
-        text = re.sub(
-            r"^(\s*<\?xml[^>]*?encoding=[\"'])[A-Za-z0-9._-]+", r"\1utf-8", text, count=1
-        )
+    # Whitespace before the XML declaration (common in generated feeds) makes the document
+    # ill-formed for no reason worth reporting; drop it, then declare what the bytes now are.
+    text = text.lstrip()
+    text = re.sub(r"^(<\?xml[^>]*?encoding=[\"'])[A-Za-z0-9._-]+", r"\1utf-8", text, count=1)
     return text.encode("utf-8"), damaged
 
 
@@ -104,9 +132,13 @@ def _published(entry: Any) -> datetime | None:
 
 
 def _entry_markup(entry: Any) -> str:
-    parts = [entry.get("summary", "") or ""]
+    summary = entry.get("summary", "") or ""
+    parts = [summary]
     for content in entry.get("content", []) or []:
-        parts.append(content.get("value", "") or "")
+        value = content.get("value", "") or ""
+        # feedparser copies an Atom entry's only <content> into `summary` too: once is enough.
+        if value.strip() and value.strip() != summary.strip():
+            parts.append(value)
     return "\n".join(parts)
 
 
@@ -130,31 +162,66 @@ def _screen_entry(entry: Any) -> str | None:
     return None
 
 
+def _whole_feed_problem(location: str, reason: str, data: bytes) -> FeedReadResult:
+    return FeedReadResult(
+        location=location,
+        items=[],
+        problems=[FeedProblem(source=location, reason=reason, raw=data)],
+    )
+
+
+def _is_truncated(error: object) -> bool:
+    message = str(error).lower()
+    return any(marker in message for marker in TRUNCATION_ERRORS)
+
+
 def parse_feed(location: str, data: bytes, transport_charset: str | None = None) -> FeedReadResult:
     """Items and problems from a feed document; never raises on bad content."""
     utf8, damaged = decode_feed(data, transport_charset)
+    if ENTITY_DECLARATION.search(utf8):
+        # feedparser keeps "safe" entity declarations and its lenient parser expands them with
+        # no bound (one 100 kB entity used 1,000 times is 100 MB): feeds never need them.
+        return _whole_feed_problem(
+            location,
+            "feed declares XML entities (<!ENTITY>), which can expand without bound; "
+            "feeds do not need them",
+            data,
+        )
     parsed = feedparser.parse(utf8, sanitize_html=False, resolve_relative_uris=False)
     entries = list(parsed.entries)
     problems: list[FeedProblem] = []
+    error = parsed.get("bozo_exception", "unknown error")
     if parsed.bozo and not entries:
-        reason = f"not a valid RSS/Atom feed: {parsed.get('bozo_exception', 'unknown error')}"
-        return FeedReadResult(
-            location=location,
-            items=[],
-            problems=[FeedProblem(source=location, reason=reason, raw=data)],
+        return _whole_feed_problem(location, f"not a valid RSS/Atom feed: {error}", data)
+    if parsed.bozo and _is_truncated(error):
+        # The lenient parser recovers the entries before the cut, the last one possibly cut
+        # short; a partial download is held whole, and the next read gets the full feed.
+        return _whole_feed_problem(
+            location,
+            f"feed is truncated ({error}); none of its {len(entries)} entries were used",
+            data,
         )
     if not parsed.get("version") and not entries:
-        return FeedReadResult(
-            location=location,
-            items=[],
-            problems=[FeedProblem(source=location, reason="no RSS/Atom content", raw=data)],
+        return _whole_feed_problem(location, "no RSS/Atom content", data)
+    if parsed.bozo:
+        problems.append(
+            FeedProblem(
+                source=location,
+                reason=f"feed is not well-formed XML ({error}); its {len(entries)} entries "
+                "were recovered by a lenient parser and screened one by one",
+                raw=data,
+            )
         )
     items: list[SourceItem] = []
     for position, entry in enumerate(entries):
         label = f"{location}#{position}: {(entry.get('title') or '(untitled)')[:80]}"
         reason = _screen_entry(entry)
         if reason:
-            raw = repr(dict(entry)).encode("utf-8", "replace")
+            if reason.startswith("broken encoding") and damaged:
+                # The parsed entry holds U+FFFD where the bad bytes were: keep the original.
+                raw = data
+            else:
+                raw = repr(dict(entry)).encode("utf-8", "replace")
             problems.append(FeedProblem(source=label, reason=reason, raw=raw))
             continue
         url = normalize_url(entry["link"])
@@ -169,13 +236,14 @@ def parse_feed(location: str, data: bytes, transport_charset: str | None = None)
                 source=location,
             )
         )
-    if damaged and not problems:
-        # Replacement happened outside any entry (e.g. in the channel header): say so anyway.
+    if damaged and not any(p.reason.startswith("broken encoding") for p in problems):
+        # Replacement happened outside any entry (e.g. in the channel header): say so anyway,
+        # and keep the original bytes.
         problems.append(
             FeedProblem(
                 source=location,
                 reason="feed had bytes invalid in its declared encoding outside its entries",
-                raw=None,
+                raw=data,
             )
         )
     return FeedReadResult(location=location, items=items, problems=problems)

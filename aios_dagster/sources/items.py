@@ -13,16 +13,21 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict
 
-TRACKING_PARAMS = ("utm_", "fbclid", "gclid", "mc_cid", "mc_eid", "ref")
+TRACKING_PREFIXES = ("utm_",)
+TRACKING_PARAMS = frozenset({"fbclid", "gclid", "mc_cid", "mc_eid", "ref"})
+"""Matched whole: as prefixes, "ref" would also strip `reference=2` and merge distinct pages."""
+
+
+def _is_tracking(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in TRACKING_PARAMS or lowered.startswith(TRACKING_PREFIXES)
 
 
 def normalize_url(url: str) -> str:
     """One spelling per page: lower-case scheme and host, no fragment, no tracking parameters."""
     parts = urlsplit(url.strip())
     query = [
-        (k, v)
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        if not k.lower().startswith(TRACKING_PARAMS)
+        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _is_tracking(k)
     ]
     path = parts.path.rstrip("/") or "/"
     return urlunsplit(

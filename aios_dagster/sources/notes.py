@@ -15,7 +15,7 @@ from markdown_it import MarkdownIt
 from pydantic import BaseModel
 
 from aios_dagster.sources.feeds import FeedProblem
-from aios_dagster.sources.items import SourceItem
+from aios_dagster.sources.items import SourceItem, normalize_url
 from aios_dagster.sources.screening import broken_encoding, hostile_markup, html_to_text
 
 MAX_NOTE_BYTES = 1_000_000
@@ -72,7 +72,16 @@ def read_notes(folder: Path | None) -> NotesReadResult:
     items: list[SourceItem] = []
     problems: list[FeedProblem] = []
     for path in sorted(folder.rglob("*.md")):
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+            modified = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+        except OSError as exc:
+            # A dangling link, a folder named *.md, a file without read permission: one
+            # unreadable note is a problem to report, not a reason to fail the run.
+            problems.append(
+                FeedProblem(source=str(path), reason=f"cannot read note: {exc.strerror or exc}")
+            )
+            continue
         if len(raw) > MAX_NOTE_BYTES:
             problems.append(
                 FeedProblem(source=str(path), reason=f"note larger than {MAX_NOTE_BYTES} bytes")
@@ -88,18 +97,17 @@ def read_notes(folder: Path | None) -> NotesReadResult:
         problem = broken_encoding(text)
         findings = hostile_markup(_markdown.render(text))
         if problem or findings:
-            reason = f"broken encoding: {problem}" if problem else "hostile HTML: " + ", ".join(
-                findings
+            reason = (
+                f"broken encoding: {problem}" if problem else "hostile HTML: " + ", ".join(findings)
             )
             problems.append(FeedProblem(source=str(path), reason=reason, raw=raw))
             continue
-        modified = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
         items.append(
             SourceItem(
                 item_id=SourceItem.make_id("note", str(path.relative_to(folder))),
                 kind="note",
                 title=_title(text, path.stem.replace("-", " ").replace("_", " ")),
-                url=_first_link(text),
+                url=normalize_url(link) if (link := _first_link(text)) else None,
                 summary=html_to_text(_markdown.render(_without_title(text))),
                 published=modified,
                 source=str(path),

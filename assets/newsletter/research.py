@@ -41,7 +41,8 @@ def gather_sources(config: AiosConfig, kernel: Kernel, context: StepContext) -> 
         for p in problems
     ]
 
-    covered = {normalize_url(u) for u in kernel.published.all_source_urls(WORKFLOW)}
+    earlier = kernel.published.source_urls_before(WORKFLOW, context.partition_key or "")
+    covered = {normalize_url(u) for u in earlier}
     seen_urls: set[str] = set()
     seen_ids: set[str] = set()
     kept: list[SourceItem] = []
