@@ -285,9 +285,15 @@ def test_dagster_asset_materialize_from_repo_root(repo_run: Workspace) -> None:
     ws = repo_run
     result = run_cli(
         [
-            tool("dagster"), "asset", "materialize", "-m", "definitions",
-            "--select", "newsletter/sources,newsletter/outline",
-            "--partition", ISSUE,
+            tool("dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "definitions",
+            "--select",
+            "newsletter/sources,newsletter/outline",
+            "--partition",
+            ISSUE,
         ],
         cwd=REPO,
         env=ws.env,

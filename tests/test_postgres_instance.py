@@ -78,9 +78,7 @@ def database() -> Iterator[str]:
         admin.close()
 
 
-def test_run_is_stored_in_postgres_with_the_example_instance(
-    database: str, tmp_path: Path
-) -> None:
+def test_run_is_stored_in_postgres_with_the_example_instance(database: str, tmp_path: Path) -> None:
     config = write_config(tmp_path / "operator")
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -96,9 +94,15 @@ def test_run_is_stored_in_postgres_with_the_example_instance(
     )
     result = run_cli(
         [
-            tool("dagster"), "asset", "materialize", "-m", "definitions",
-            "--select", ",".join(UP_TO_APPROVAL),
-            "--partition", ISSUE,
+            tool("dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "definitions",
+            "--select",
+            ",".join(UP_TO_APPROVAL),
+            "--partition",
+            ISSUE,
         ],
         cwd=REPO,
         env=env,
