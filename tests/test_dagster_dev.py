@@ -155,9 +155,11 @@ def _tail(log: Path, chars: int = 6000) -> str:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> float:
-    """SIGTERM the whole process group; seconds until every process in it is gone."""
+    """SIGTERM the dev command (as a service manager would); seconds until its whole process
+    group is gone. Signalling the group instead races dagster's own shutdown: a code server
+    killed before `dagster dev` stops watching it is restarted and orphaned."""
     started = time.monotonic()
-    os.killpg(proc.pid, signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=STOP_DEADLINE_S)
     while _group_alive(proc.pid) and time.monotonic() - started < STOP_DEADLINE_S:
         time.sleep(0.1)  # children (webserver, daemon, code server) finish shutting down

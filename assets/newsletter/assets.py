@@ -165,7 +165,7 @@ def outline(
                 decision="removed unknown items",
                 reason=f"the outline named {len(unknown)} item ids that research did not find",
                 detail={"unknown_ids": unknown[:20]},
-                run_id=context.run_id,
+                run_id=context.run.run_id,
             )
         )
     kernel.audit.flush()
@@ -312,7 +312,7 @@ def approval_request(
             "quarantined_inputs": len(sources.quarantined),
         },
     )
-    approval = kernel.approvals.request(payload, execute_job=PUBLISH_JOB, run_id=context.run_id)
+    approval = kernel.approvals.request(payload, execute_job=PUBLISH_JOB, run_id=context.run.run_id)
     kernel.intents.plan(
         EffectRequest(
             workflow=WORKFLOW,
@@ -322,7 +322,7 @@ def approval_request(
             payload_hash=approval.payload_hash,
         ),
         "static_site",
-        run_id=context.run_id,
+        run_id=context.run.run_id,
     )
     kernel.audit.flush()
     markdown_path, html_path = kernel.approvals.readable_copies(WORKFLOW, context.partition_key)
@@ -392,7 +392,7 @@ def published_issue(
                 subject=f"approval:{approval_id}",
                 decision="refused",
                 reason=str(exc),
-                run_id=context.run_id,
+                run_id=context.run.run_id,
             )
         )
         kernel.audit.flush()
@@ -456,7 +456,6 @@ def published_issue(
 newsletter_issue_job = dg.define_asset_job(
     ISSUE_JOB,
     selection=dg.AssetSelection.assets(SOURCES, OUTLINE, DRAFT, APPROVAL_REQUEST),
-    partitions_def=ISSUE_WEEKS,
     description="Prepare this week's issue up to the approval gate.",
     tags={"aios/workflow": WORKFLOW},
 )
@@ -464,7 +463,6 @@ newsletter_issue_job = dg.define_asset_job(
 publish_newsletter_job = dg.define_asset_job(
     PUBLISH_JOB,
     selection=dg.AssetSelection.assets(PUBLISHED_ISSUE),
-    partitions_def=ISSUE_WEEKS,
     description="Publish an approved issue (launched by the approvals sensor or the CLI).",
     tags={"aios/workflow": WORKFLOW},
 )
