@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
-from aios_dagster.audit import AuditEvent, AuditLog, LLMCallRecord, StepContext
+from aios_dagster.audit import AuditLog, LLMCallRecord, StepContext
 from aios_dagster.config import LLMSettings
 from aios_dagster.gateway import LLMGateway, Prompt
 from aios_dagster.gateway.client import LLMError
@@ -87,19 +87,14 @@ class AgentRuntime:
                 output_model=role.output_model,
             )
         except LLMError as exc:
-            self.audit.record(
-                AuditEvent(
-                    kind="fallback",
-                    workflow=context.workflow,
-                    partition_key=context.partition_key,
-                    step=context.step,
-                    actor=f"agent:{role.name}",
-                    subject=f"role:{role.name}",
-                    decision="use rules tier",
-                    reason=f"the {tier} tier failed: {exc}",
-                    detail={"tier": tier, "error_type": type(exc).__name__},
-                    run_id=context.run_id,
-                )
+            self.audit.note(
+                context,
+                kind="fallback",
+                actor=f"agent:{role.name}",
+                subject=f"role:{role.name}",
+                decision="use rules tier",
+                reason=f"the {tier} tier failed: {exc}",
+                detail={"tier": tier, "error_type": type(exc).__name__},
             )
             return self._run_rules(
                 role, inputs, context, note=f"{tier} tier failed: {exc}", fell_back=True

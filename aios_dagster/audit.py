@@ -149,6 +149,33 @@ class AuditLog:
         with self._lock:
             self._events.append(row)
 
+    def note(
+        self,
+        context: StepContext,
+        *,
+        kind: EventKind,
+        actor: str,
+        subject: str,
+        decision: str,
+        reason: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a decision taken inside a step, with its reason (the common case of record)."""
+        self.record(
+            AuditEvent(
+                kind=kind,
+                workflow=context.workflow,
+                partition_key=context.partition_key,
+                step=context.step,
+                actor=actor,
+                subject=subject,
+                decision=decision,
+                reason=reason,
+                detail=detail or {},
+                run_id=context.run_id,
+            )
+        )
+
     def pending(self) -> int:
         """Rows buffered and not yet flushed."""
         with self._lock:

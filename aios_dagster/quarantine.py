@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from aios_dagster.audit import AuditEvent, AuditLog, StepContext
+from aios_dagster.audit import AuditLog, StepContext
 from aios_dagster.files import atomic_write
 
 
@@ -56,18 +56,13 @@ class Quarantine:
             raw_path=str(raw_path) if raw_path else None,
         )
         atomic_write(folder / f"{digest}.json", record.model_dump_json(indent=2))
-        self.audit.record(
-            AuditEvent(
-                kind="quarantine",
-                workflow=context.workflow,
-                partition_key=context.partition_key,
-                step=context.step,
-                actor="system",
-                subject=source[:500],
-                decision="quarantined",
-                reason=reason,
-                detail={"record_id": digest, "raw_path": record.raw_path},
-                run_id=context.run_id,
-            )
+        self.audit.note(
+            context,
+            kind="quarantine",
+            actor="system",
+            subject=source[:500],
+            decision="quarantined",
+            reason=reason,
+            detail={"record_id": digest, "raw_path": record.raw_path},
         )
         return record

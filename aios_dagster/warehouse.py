@@ -10,7 +10,10 @@ the operator as a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +74,14 @@ SCHEMA_STATEMENTS: tuple[str, ...] = (
     )
     """,
 )
+
+
+def _apply_schema(connection: duckdb.DuckDBPyConnection) -> None:
+    for statement in SCHEMA_STATEMENTS:
+        connection.execute(statement)
+    row = connection.execute("SELECT max(version) FROM audit.schema_version").fetchone()
+    if row is None or row[0] is None:
+        connection.execute("INSERT INTO audit.schema_version VALUES (?)", [SCHEMA_VERSION])
 
 
 class WarehouseBusy(RuntimeError):
@@ -140,13 +151,29 @@ class Warehouse:
     def ensure_schema(self) -> None:
         """Create the audit schema if missing; idempotent and cheap once done."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            self._create_atomically()
         with self._open(read_only=False) as connection:
-            for statement in SCHEMA_STATEMENTS:
-                connection.execute(statement)
-            row = connection.execute("SELECT max(version) FROM audit.schema_version").fetchone()
-            if row is None or row[0] is None:
-                connection.execute("INSERT INTO audit.schema_version VALUES (?)", [SCHEMA_VERSION])
+            _apply_schema(connection)
         self._schema_ready = True
+
+    def _create_atomically(self) -> None:
+        # Two processes creating the file at once would let one open the other's half-written
+        # file ("not a valid DuckDB database file"): build it aside, then link it into place,
+        # which fails harmlessly for every creator but the first.
+        aside = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        try:
+            connection = duckdb.connect(str(aside))
+            try:
+                _apply_schema(connection)
+                connection.execute("CHECKPOINT")
+            finally:
+                connection.close()
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        finally:
+            aside.unlink(missing_ok=True)
+            Path(f"{aside}.wal").unlink(missing_ok=True)
 
     def insert_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> int:
         """Insert a batch in one statement (by column name); rows whose key exists are skipped."""

@@ -401,17 +401,12 @@ class IntentLog:
                     "k": key,
                 },
             )
-        self.audit.record(
-            AuditEvent(
-                kind="effect",
-                workflow=request.workflow,
-                partition_key=context.partition_key,
-                step=context.step,
-                actor=f"connector:{connector.name}",
-                subject=f"{request.action}:{request.target}",
-                decision=state,
-                reason=error or f"provider id {receipt.provider_id if receipt else '-'}",
-                detail={"idempotency_key": key, "payload_hash": request.payload_hash},
-                run_id=context.run_id,
-            )
+        self.audit.note(
+            context,
+            kind="effect",
+            actor=f"connector:{connector.name}",
+            subject=f"{request.action}:{request.target}",
+            decision=state,
+            reason=error or f"provider id {receipt.provider_id if receipt else '-'}",
+            detail={"idempotency_key": key, "payload_hash": request.payload_hash},
         )

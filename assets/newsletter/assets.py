@@ -11,7 +11,7 @@ from typing import Any
 import dagster as dg
 
 from aios_dagster.approvals import APPROVAL_TAG, NotAuthorized, StagedPayload
-from aios_dagster.audit import AuditEvent, StepContext
+from aios_dagster.audit import StepContext
 from aios_dagster.connectors.base import EffectRequest
 from aios_dagster.sources.items import SourceItem
 from assets.newsletter.editorial_qa import review_issue
@@ -154,20 +154,26 @@ def outline(
         # A model may name ids that do not exist; they are removed, and the audit says so.
         for section in plan.sections:
             section.item_ids = [i for i in section.item_ids if i in known]
-        kernel.audit.record(
-            AuditEvent(
-                kind="decision",
-                workflow=WORKFLOW,
-                partition_key=context.partition_key,
-                step=OUTLINE.to_user_string(),
-                actor="agent:planner",
-                subject="outline",
-                decision="removed unknown items",
-                reason=f"the outline named {len(unknown)} item ids that research did not find",
-                detail={"unknown_ids": unknown[:20]},
-                run_id=context.run.run_id,
-            )
+        kernel.audit.note(
+            _step(context, OUTLINE),
+            kind="decision",
+            actor="agent:planner",
+            subject="outline",
+            decision="removed unknown items",
+            reason=f"the outline named {len(unknown)} item ids that research did not find",
+            detail={"unknown_ids": unknown[:20]},
         )
+    chosen = [known[i].title for s in plan.sections for i in s.item_ids if i in known]
+    kernel.audit.note(
+        _step(context, OUTLINE),
+        kind="decision",
+        actor="agent:planner",
+        subject="outline",
+        decision="planned",
+        reason=f"chose {len(chosen)} of {len(sources.items)} items on the {result.tier} tier"
+        + (f" ({result.note})" if result.note else ""),
+        detail={"chosen": chosen, "model": result.model},
+    )
     kernel.audit.flush()
     step = OutlineStep.model_validate(result.model_dump())
     preview = f"**{plan.title}**\n\n" + "\n".join(
@@ -252,18 +258,13 @@ def editorial_qa(
         recent_urls=set(urls),
     )
     kernel = aios.kernel()
-    kernel.audit.record(
-        AuditEvent(
-            kind="decision",
-            workflow=WORKFLOW,
-            partition_key=context.partition_key,
-            step="newsletter/draft:editorial_qa",
-            actor="check:editorial_qa",
-            subject="draft",
-            decision="passed" if report.passed else "blocked",
-            reason="; ".join(f"{f.check}: {f.detail}" for f in report.failures()) or "all passed",
-            run_id=context.run.run_id,
-        )
+    kernel.audit.note(
+        _step(context, DRAFT).model_copy(update={"step": "newsletter/draft:editorial_qa"}),
+        kind="decision",
+        actor="check:editorial_qa",
+        subject="draft",
+        decision="passed" if report.passed else "blocked",
+        reason="; ".join(f"{f.check}: {f.detail}" for f in report.failures()) or "all passed",
     )
     kernel.audit.flush()
     return dg.AssetCheckResult(
@@ -382,18 +383,13 @@ def published_issue(
     try:
         approval, payload = kernel.approvals.authorize(approval_id, partition_key=partition)
     except NotAuthorized as exc:
-        kernel.audit.record(
-            AuditEvent(
-                kind="decision",
-                workflow=WORKFLOW,
-                partition_key=partition,
-                step=PUBLISHED_ISSUE.to_user_string(),
-                actor="agent:publisher",
-                subject=f"approval:{approval_id}",
-                decision="refused",
-                reason=str(exc),
-                run_id=context.run.run_id,
-            )
+        kernel.audit.note(
+            _step(context, PUBLISHED_ISSUE),
+            kind="decision",
+            actor="agent:publisher",
+            subject=f"approval:{approval_id}",
+            decision="refused",
+            reason=str(exc),
         )
         kernel.audit.flush()
         raise dg.Failure(f"not publishing issue {partition}: {exc}") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from aios_dagster.approvals import Approval, StagedPayload
-from aios_dagster.audit import AuditEvent, StepContext
+from aios_dagster.audit import StepContext
 from aios_dagster.config import AiosConfig
 from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown
 from aios_dagster.connectors.email_smtp import OutgoingEmail, SmtpMailer
@@ -153,39 +153,29 @@ def publish_issue(
                 continue
             (replayed if outcome.replayed else emailed).append(address)
     elif subscribers:
-        kernel.audit.record(
-            AuditEvent(
-                kind="decision",
-                workflow=WORKFLOW,
-                partition_key=payload.partition_key,
-                step=context.step,
-                actor="agent:publisher",
-                subject=f"issue:{payload.partition_key}",
-                decision="email skipped",
-                reason=f"{len(subscribers)} subscribers but no smtp section in the config",
-                run_id=context.run_id,
-            )
-        )
-    kernel.approvals.mark_executed(approval.approval_id, run_id=context.run_id)
-    kernel.audit.record(
-        AuditEvent(
+        kernel.audit.note(
+            context,
             kind="decision",
-            workflow=WORKFLOW,
-            partition_key=payload.partition_key,
-            step=context.step,
             actor="agent:publisher",
             subject=f"issue:{payload.partition_key}",
-            decision="published" if not site_outcome.replayed else "publish replayed",
-            reason=f"approval {approval.approval_id} for hash {approval.payload_hash[:10]}",
-            detail={
-                "url": site.post_url(slug),
-                "emailed": len(emailed),
-                "email_replayed": len(replayed),
-                "email_failed": len(failed),
-                "email_needs_operator": len(needs_operator),
-            },
-            run_id=context.run_id,
+            decision="email skipped",
+            reason=f"{len(subscribers)} subscribers but no smtp section in the config",
         )
+    kernel.approvals.mark_executed(approval.approval_id, run_id=context.run_id)
+    kernel.audit.note(
+        context,
+        kind="decision",
+        actor="agent:publisher",
+        subject=f"issue:{payload.partition_key}",
+        decision="published" if not site_outcome.replayed else "publish replayed",
+        reason=f"approval {approval.approval_id} for hash {approval.payload_hash[:10]}",
+        detail={
+            "url": site.post_url(slug),
+            "emailed": len(emailed),
+            "email_replayed": len(replayed),
+            "email_failed": len(failed),
+            "email_needs_operator": len(needs_operator),
+        },
     )
     return PublishReport(
         url=site.post_url(slug),

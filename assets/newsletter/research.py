@@ -6,7 +6,7 @@ covered by a published issue, and duplicates across feeds, are dropped with a re
 
 from __future__ import annotations
 
-from aios_dagster.audit import AuditEvent, StepContext
+from aios_dagster.audit import StepContext
 from aios_dagster.config import AiosConfig
 from aios_dagster.kernel import Kernel
 from aios_dagster.sources.feeds import FeedProblem, read_feed
@@ -65,18 +65,13 @@ def gather_sources(config: AiosConfig, kernel: Kernel, context: StepContext) -> 
         kept.append(item)
 
     for drop in dropped:
-        kernel.audit.record(
-            AuditEvent(
-                kind="decision",
-                workflow=WORKFLOW,
-                partition_key=context.partition_key,
-                step=context.step,
-                actor="agent:researcher",
-                subject=drop.url or drop.item_id,
-                decision="dropped",
-                reason=drop.reason,
-                run_id=context.run_id,
-            )
+        kernel.audit.note(
+            context,
+            kind="decision",
+            actor="agent:researcher",
+            subject=drop.url or drop.item_id,
+            decision="dropped",
+            reason=drop.reason,
         )
     return ResearchDigest(
         partition_key=context.partition_key or "",
