@@ -1,9 +1,10 @@
 """Dagster resources wiring the kernel to the operator's config file (and secrets from env)."""
 
 from resources.artifacts import ArtifactIOManager
-from resources.kernel import AiosKernel, build_resources
+from resources.kernel import AiosKernel
 from resources.mailer import MailerResource
 from resources.site import SitePublisherResource
+from resources.wiring import build_resources
 
 __all__ = [
     "AiosKernel",

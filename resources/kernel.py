@@ -8,11 +8,10 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 
-from aios_dagster.config import AiosConfig, config_path_from_env, load_config, parse_config
+from aios_dagster.config import AiosConfig, load_config, parse_config
 from aios_dagster.kernel import Kernel
 
 _kernels: dict[tuple[str | None, tuple[int, int], str, str], Kernel] = {}
@@ -67,32 +66,3 @@ class AiosKernel(dg.ConfigurableResource):  # type: ignore[type-arg]
             kernels = list(_kernels.values())
         for kernel in kernels:
             kernel.audit.flush()
-
-
-def _env_secret(name: str) -> Any:
-    # EnvVar keeps the value out of the run config and the UI; an unset variable means none.
-    return dg.EnvVar(name) if os.environ.get(name) else None
-
-
-def build_resources(config_path: Path | None = None) -> dict[str, Any]:
-    """Every resource the workflows need, from the operator config (validated here, early)."""
-    from resources.artifacts import ArtifactIOManager
-    from resources.dbt import dbt_resource
-    from resources.mailer import MailerResource
-    from resources.site import SitePublisherResource
-
-    path = config_path if config_path is not None else config_path_from_env()
-    config = load_config(path)
-    kernel = AiosKernel(
-        config_file=str(path) if path else None,
-        base_dir=str(Path.cwd()),
-        llm_api_key=_env_secret(config.llm.endpoint.api_key_env),
-    )
-    smtp_password = _env_secret(config.smtp.password_env) if config.smtp else None
-    return {
-        "aios": kernel,
-        "site": SitePublisherResource(aios=kernel),
-        "mailer": MailerResource(aios=kernel, password=smtp_password),
-        "io_manager": ArtifactIOManager(root=str(config.state_path / "artifacts")),
-        "dbt": dbt_resource(),
-    }
