@@ -310,3 +310,36 @@ def test_a_fooled_model_cannot_get_an_injected_link_to_the_gate(
     assert not published.success
     site = load_config(llm_config).site_path
     assert not (site / "posts").exists() and not (site / "index.html").exists()
+
+
+def test_a_story_credited_to_a_source_the_outline_did_not_choose_is_blocked(
+    server: FakeOpenAIServer, llm_config: Path, kernel: Kernel
+) -> None:
+    other = "https://newsletter-craft.example.org/open-rates"  # found by research, not chosen
+
+    def plan_without_open_rates(request: dict[str, Any]) -> ResponderResult:
+        outline = plan(request)
+        assert isinstance(outline, dict)
+        titles = {i["id"]: i["title"] for i in _block(_user(request), "source_items")}
+        outline["sections"][0]["item_ids"] = [
+            i for i in outline["sections"][0]["item_ids"] if "open rate" not in titles[i]
+        ]
+        return outline
+
+    def misattribute(request: dict[str, Any]) -> ResponderResult:
+        draft = write(request)
+        assert isinstance(draft, dict)
+        draft["sections"][0]["stories"][0]["source_url"] = other
+        return draft
+
+    server.responder = ScriptedResponder(
+        {"Outline": plan_without_open_rates, "Draft": misattribute}
+    )
+    result = materialize(llm_config, UP_TO_APPROVAL)
+
+    sources = result.output_for_node("newsletter__sources")
+    assert other in {i.url for i in sources.items}
+    assert not result.success
+    [check] = result.get_asset_check_evaluations()
+    assert not check.passed and "open-rates" in str(check.metadata["links_from_sources"].value)
+    assert kernel.approvals.current(WORKFLOW, ISSUE, "publish") is None

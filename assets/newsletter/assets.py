@@ -233,24 +233,28 @@ def draft(
     asset=DRAFT,
     name="editorial_qa",
     blocking=True,
-    additional_ins={"sources": dg.AssetIn(SOURCES)},
+    additional_ins={"sources": dg.AssetIn(SOURCES), "outline": dg.AssetIn(OUTLINE)},
     partitions_def=ISSUE_WEEKS,
-    description="Length bounds, required sections, every link from a source, no topic "
-    "repeated from recent issues. Blocks the approval request when it fails.",
+    description="Length bounds, required sections, every link from a source the outline "
+    "chose, no topic repeated from recent issues. Blocks the approval request when it fails.",
 )
 def editorial_qa(
     context: dg.AssetCheckExecutionContext,
     aios: AiosKernel,
     draft: DraftStep,
     sources: ResearchDigest,
+    outline: OutlineStep,
 ) -> dg.AssetCheckResult:
     """Editorial QA on the draft."""
     config = aios.operator_config()
     topics, urls = _recent(aios, context.partition_key)
+    # Links may only point at the sources this issue is about: a model fooled into citing
+    # another page, or attributing a story to a different real item, is caught here.
+    chosen = {item_id for section in outline.output.sections for item_id in section.item_ids}
     report = review_issue(
         draft=draft.output,
         markdown=draft.markdown,
-        source_urls={i.url for i in sources.items if i.url},
+        source_urls={i.url for i in sources.items if i.url and i.item_id in chosen},
         min_words=config.newsletter.length.min_words,
         max_words=config.newsletter.length.max_words,
         required_sections=config.newsletter.required_sections,
