@@ -304,6 +304,67 @@ class SmtpSettings(_Section):
         return value
 
 
+class EmbeddingSettings(_Section):
+    """How text becomes vectors: the packaged MiniLM model offline, or an endpoint."""
+
+    provider: Literal["local", "endpoint"] = Field(
+        default="local",
+        description="local: all-MiniLM-L6-v2 run in-process (no torch, no network); endpoint: "
+        "an OpenAI-compatible /embeddings API (llm.endpoint unless base_url is set).",
+    )
+    model: str = Field(default="all-MiniLM-L6-v2", min_length=1)
+    dimensions: int = Field(default=384, ge=8, le=8192)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    base_url: str | None = None
+    api_key_env: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:11434/v1")
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_VAR_NAME.match(value):
+            raise ValueError("must be the NAME of an environment variable, not a key")
+        return value
+
+
+class MemorySettings(_Section):
+    """The three memory tiers: working set, semantic index, structured facts."""
+
+    embeddings: EmbeddingSettings = EmbeddingSettings()
+    recall_threshold: float = Field(
+        default=0.35,
+        ge=-1,
+        le=1,
+        description="Below this cosine similarity a recall is not used as fact: the agent asks.",
+    )
+    covered_threshold: float = Field(
+        default=0.86, ge=-1, le=1, description="Items this similar to past issues count as covered."
+    )
+    ann_index_min_rows: int = Field(
+        default=10_000, ge=256, description="Build an ANN index once a table has this many rows."
+    )
+    working_set_items: int = Field(
+        default=50, ge=1, le=10_000, description="Entries kept per workflow (oldest evicted)."
+    )
+    chunk_chars: int = Field(default=1200, ge=200, le=20_000)
+    chunk_overlap_chars: int = Field(default=150, ge=0, le=5_000)
+    max_document_bytes: int = Field(default=10_000_000, ge=1_000)
+
+    @model_validator(mode="after")
+    def _overlap_smaller_than_chunk(self) -> MemorySettings:
+        if self.chunk_overlap_chars >= self.chunk_chars:
+            raise ValueError("chunk_overlap_chars must be smaller than chunk_chars")
+        return self
+
+
 class AiosConfig(_Section):
     """The whole operator configuration."""
 
@@ -314,6 +375,7 @@ class AiosConfig(_Section):
     operator: OperatorIdentity = OperatorIdentity()
     llm: LLMSettings = LLMSettings()
     newsletter: NewsletterSettings = NewsletterSettings()
+    memory: MemorySettings = MemorySettings()
     smtp: SmtpSettings | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path)

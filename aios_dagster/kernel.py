@@ -64,6 +64,16 @@ class StatePaths:
         return self.root / "audit_spool"
 
     @property
+    def semantic_index(self) -> Path:
+        """The LanceDB folder of the semantic memory."""
+        return self.root / "memory" / "lancedb"
+
+    @property
+    def cold_store(self) -> Path:
+        """Date-partitioned Parquet copies of every memory write."""
+        return self.root / "memory" / "cold"
+
+    @property
     def dagster_home(self) -> Path:
         """The default DAGSTER_HOME for the CLI when none is set."""
         return self.root / "dagster"

@@ -1,0 +1,5 @@
+"""Memory shared by every agent: a working set, a semantic index and structured facts.
+
+Each tier is its own module; every write is also appended to the cold store (Parquet) so exports
+never depend on the live tables.
+"""
