@@ -7,7 +7,7 @@ intent log, quarantine and agent runtime from here, so they always agree on wher
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aios_dagster.agents import AgentRuntime
@@ -17,6 +17,7 @@ from aios_dagster.config import AiosConfig
 from aios_dagster.connectors.intent_log import IntentLog
 from aios_dagster.gateway import LLMGateway
 from aios_dagster.ledger import Ledger
+from aios_dagster.memory.working_set import WorkingSet
 from aios_dagster.published import PublishedWork
 from aios_dagster.quarantine import Quarantine
 from aios_dagster.warehouse import Warehouse
@@ -94,6 +95,17 @@ class Kernel:
     published: PublishedWork
     gateway: LLMGateway
     agents: AgentRuntime
+    _working_sets: dict[str, WorkingSet] = field(default_factory=dict)
+
+    def working_set(self, workflow: str) -> WorkingSet:
+        """The workflow's working set, loaded once per process and refreshed on each call."""
+        ws = self._working_sets.get(workflow)
+        if ws is None:
+            ws = WorkingSet(
+                self.ledger, workflow, max_entries=self.config.memory.working_set_items
+            )
+            self._working_sets[workflow] = ws
+        return ws.load()
 
     @classmethod
     def build(

@@ -119,6 +119,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "working set",
+        (
+            """
+            CREATE TABLE working_set (
+                workflow TEXT NOT NULL,
+                entry_id TEXT NOT NULL,
+                kind TEXT NOT NULL
+                    CHECK (kind IN ('interaction', 'artifact', 'question', 'decision')),
+                entry_key TEXT NOT NULL,
+                content TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                run_id TEXT,
+                PRIMARY KEY (workflow, entry_id)
+            )
+            """,
+            "CREATE INDEX working_set_by_kind ON working_set (workflow, kind, created_at)",
+            "CREATE UNIQUE INDEX working_set_artifacts ON working_set (workflow, kind, entry_key)"
+            " WHERE kind = 'artifact'",
+            """
+            CREATE TABLE working_set_versions (
+                workflow TEXT PRIMARY KEY,
+                version INTEGER NOT NULL
+            )
+            """,
+        ),
+    ),
 )
 
 
