@@ -10,7 +10,7 @@ from __future__ import annotations
 import dagster as dg
 
 from aios_dagster.config import config_path_from_env, load_config
-from assets import metrics, newsletter
+from assets import facts, metrics, newsletter
 from resources import build_resources
 from sensors import approved_actions_sensor, weekly_issue_schedule
 
@@ -18,9 +18,9 @@ _config_path = config_path_from_env()
 _config = load_config(_config_path)
 
 defs = dg.Definitions(
-    assets=[*newsletter.ASSETS, *metrics.ASSETS],
+    assets=[*newsletter.ASSETS, *metrics.ASSETS, *facts.ASSETS],
     asset_checks=newsletter.CHECKS,
-    jobs=[*newsletter.JOBS, *metrics.JOBS],
+    jobs=[*newsletter.JOBS, *metrics.JOBS, *facts.JOBS],
     schedules=[weekly_issue_schedule(_config.newsletter.cadence)],
     sensors=[approved_actions_sensor],
     resources=build_resources(_config_path),

@@ -17,6 +17,7 @@ from aios_dagster.config import AiosConfig
 from aios_dagster.connectors.intent_log import IntentLog
 from aios_dagster.gateway import LLMGateway
 from aios_dagster.ledger import Ledger
+from aios_dagster.memory.facts import FactStore
 from aios_dagster.memory.working_set import WorkingSet
 from aios_dagster.published import PublishedWork
 from aios_dagster.quarantine import Quarantine
@@ -95,15 +96,14 @@ class Kernel:
     published: PublishedWork
     gateway: LLMGateway
     agents: AgentRuntime
+    facts: FactStore
     _working_sets: dict[str, WorkingSet] = field(default_factory=dict)
 
     def working_set(self, workflow: str) -> WorkingSet:
         """The workflow's working set, loaded once per process and refreshed on each call."""
         ws = self._working_sets.get(workflow)
         if ws is None:
-            ws = WorkingSet(
-                self.ledger, workflow, max_entries=self.config.memory.working_set_items
-            )
+            ws = WorkingSet(self.ledger, workflow, max_entries=self.config.memory.working_set_items)
             self._working_sets[workflow] = ws
         return ws.load()
 
@@ -124,18 +124,20 @@ class Kernel:
             warehouse, paths.audit_spool, redactor=Redactor([llm_api_key, smtp_password])
         )
         gateway = LLMGateway(config.llm, api_key=llm_api_key, audit=audit)
+        approvals = ApprovalDesk(ledger, paths.staged, audit, drafts_dir=paths.drafts)
         return cls(
             config=config,
             paths=paths,
             ledger=ledger,
             warehouse=warehouse,
             audit=audit,
-            approvals=ApprovalDesk(ledger, paths.staged, audit, drafts_dir=paths.drafts),
+            approvals=approvals,
             intents=IntentLog(ledger, audit),
             quarantine=Quarantine(paths.quarantine, audit),
             published=PublishedWork(ledger),
             gateway=gateway,
             agents=AgentRuntime(config.llm, gateway, audit),
+            facts=FactStore(warehouse, approvals, audit),
         )
 
 

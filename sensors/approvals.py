@@ -10,16 +10,18 @@ from collections.abc import Iterator
 import dagster as dg
 
 from aios_dagster.approvals import approved_run
+from assets.facts import apply_fact_change_job
 from assets.newsletter import publish_newsletter_job
 from resources.kernel import AiosKernel
 
 
 @dg.sensor(
     name="approved_actions",
-    jobs=[publish_newsletter_job],
+    jobs=[publish_newsletter_job, apply_fact_change_job],
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Launches the publish run for every approval the operator grants.",
+    description="Launches the run each approval names (publish an issue, apply a fact change) "
+    "as soon as the operator grants it.",
 )
 def approved_actions_sensor(
     context: dg.SensorEvaluationContext, aios: AiosKernel

@@ -198,7 +198,10 @@ def test_dev_server_serves_the_code_location(command: list[str], tmp_path: Path)
         assert {"newsletter_issue", "publish_newsletter_issue"} <= jobs
         sensors = {s["name"]: s for s in repo["sensors"]}
         approved = sensors["approved_actions"]
-        assert [t["pipelineName"] for t in approved["targets"]] == ["publish_newsletter_issue"]
+        assert sorted(t["pipelineName"] for t in approved["targets"]) == [
+            "apply_fact_change",
+            "publish_newsletter_issue",
+        ]
         assert approved["sensorState"]["status"] == "RUNNING"
         schedules = {s["name"]: s for s in repo["schedules"]}
         weekly = schedules["weekly_newsletter_issue"]

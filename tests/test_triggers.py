@@ -267,7 +267,8 @@ def test_definitions_snapshot(config_path: Path, definitions_module: ModuleType)
     assert {k.to_user_string() for k in publish_job.asset_layer.executable_asset_keys} == {
         "newsletter/published_issue"
     }
-    assert defs.resolve_sensor_def("approved_actions").job_name == PUBLISH_JOB
+    sensor = defs.resolve_sensor_def("approved_actions")
+    assert sorted(t.job_name for t in sensor.targets) == ["apply_fact_change", PUBLISH_JOB]
     assert defs.resolve_schedule_def("weekly_newsletter_issue").job_name == "newsletter_issue"
 
     # The resources read the operator config named by $AIOS_CONFIG.
