@@ -13,6 +13,11 @@ What it speaks:
   as ``chat.completions.parse()`` sends it), ``finish_reason`` and ``usage``. Token counts are
   deterministic (`count_tokens`: a quarter of the characters, rounded up), and a reply longer
   than ``max_tokens`` / ``max_completion_tokens`` is cut with ``finish_reason: "length"``.
+- ``POST /v1/embeddings`` (and ``/embeddings``): an ``embedding`` list with one deterministic
+  vector per input, in order (`hash_embedding` by default: seeded by model and text, NOT unit
+  length, so clients must normalize), as floats or as base64 float32 (``encoding_format``), of
+  ``dimensions`` (request) or ``embedding_dimensions`` (server) length; an empty string input is
+  refused with 400, as OpenAI does.
 - ``GET /v1/models`` (and ``/models``, ``/v1/models/{id}``): the models the server was given.
 - OpenAI-shaped error bodies: ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -25,11 +30,14 @@ What a test controls:
 - **faults**: `fail_next` queues faults consumed one per completion request, in order;
   `fail_always` applies one to every request until cleared. See `Fault` for the kinds (429 with
   Retry-After, 5xx, 400, output that is not the schema, a refusal, a dropped connection, a
-  stall past the client's timeout).
+  stall past the client's timeout). Embedding requests have their own queue,
+  `fail_next_embeddings` (there ``invalid_output`` and ``refusal`` answer one vector too few).
+- **embeddings**: ``embedder`` maps (model, text, dimensions) to a vector; ``embedding_dimensions``
+  is the length answered when the request does not ask for ``dimensions``.
 - **auth**: with ``api_key`` set, a request without ``Authorization: Bearer <api_key>`` gets 401.
 
 Every request is recorded (method, path, headers, JSON body, arrival time, the answer) in
-`requests` / `completions`, for assertions. Use it as a context manager::
+`requests` / `completions` / `embeddings`, for assertions. Use it as a context manager::
 
     with FakeOpenAIServer(responder) as server:
         ...  # base_url=server.base_url
@@ -37,11 +45,15 @@ Every request is recorded (method, path, headers, JSON body, arrival time, the a
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import math
+import random
 import socket
+import struct
 import threading
 import time
 import traceback
@@ -61,6 +73,7 @@ FaultKind = Literal[
 ]
 
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/embeddings"})
 MODELS_PATHS = frozenset({"/v1/models", "/models"})
 DEFAULT_MODELS: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1")
 MAX_SCHEMA_DEPTH = 32
@@ -135,6 +148,20 @@ ResponderResult: TypeAlias = JSONObject | list[Any] | str | Fault
 
 Responder: TypeAlias = Callable[[JSONObject], ResponderResult]
 """Maps a chat completion request body (decoded JSON) to the reply's content."""
+
+EmbeddingFn: TypeAlias = Callable[[str, str, int], Sequence[float]]
+"""Maps (model, input text, dimensions) to the vector the embeddings endpoint answers."""
+
+
+def hash_embedding(model: str, text: str, dimensions: int) -> list[float]:
+    """A deterministic pseudo-random vector for (model, text): equal inputs, equal vectors.
+
+    Not unit length on purpose (norm about 3 * sqrt(dimensions)), as some servers answer, so a
+    client that forgets to normalize is caught. Carries no meaning: similar texts are not close.
+    """
+    seed = hashlib.sha256(f"{model}\0{text}".encode()).digest()
+    rng = random.Random(seed)
+    return [rng.gauss(0.0, 3.0) for _ in range(dimensions)]
 
 
 @dataclass
@@ -408,6 +435,13 @@ class _Handler(BaseHTTPRequestHandler):
         record = self.server.fake._record(self._recorded(body if isinstance(body, dict) else None))
         if not self._authorized(record):
             return
+        if path in EMBEDDING_PATHS:
+            if not isinstance(body, dict):
+                message = "We could not parse the JSON body of your request."
+                self._send_json(record, 400, _error_body(message, "invalid_request_error"))
+                return
+            self._embeddings(record, body)
+            return
         if path not in COMPLETION_PATHS:
             self._send_json(
                 record, 404, _error_body(f"Unknown path {path}", "invalid_request_error")
@@ -458,6 +492,55 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             content = fault.content
         self._send_json(record, 200, fake._completion(body, content, fault))
+
+    # -- embeddings ----------------------------------------------------------------------
+
+    def _embeddings(self, record: RecordedRequest, body: JSONObject) -> None:
+        fake = self.server.fake
+        texts, problem = _embedding_inputs(body)
+        if problem is not None:
+            self._send_json(record, 400, _error_body(problem, "invalid_request_error"))
+            return
+        fault = fake._take_embedding_fault()
+        if fault is not None and fault.kind == "stall":
+            if not fake._pause(fault.seconds):
+                return  # shutting down
+            fault = None
+        if fault is not None and self._apply_fault(record, fault):
+            return
+        requested = body.get("dimensions")
+        dimensions = requested if isinstance(requested, int) else fake.embedding_dimensions
+        try:
+            vectors = [list(fake.embedder(body["model"], text, dimensions)) for text in texts]
+        except Exception as exc:
+            fake.responder_errors.append(exc)
+            message = f"embedder raised {type(exc).__name__}: {exc}"
+            self._send_json(
+                record, 500, _error_body(message, "server_error"), {"x-should-retry": "false"}
+            )
+            return
+        if fault is not None:  # invalid_output / refusal: a malformed answer, one vector short
+            vectors = vectors[:-1]
+        as_base64 = body.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": _base64_floats(vector) if as_base64 else vector,
+            }
+            for index, vector in enumerate(vectors)
+        ]
+        tokens = sum(count_tokens(text) for text in texts)
+        self._send_json(
+            record,
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
 
     def _apply_fault(self, record: RecordedRequest, fault: Fault) -> bool:
         """Send a fault's error response (True), or leave a 200 fault to the caller (False)."""
@@ -533,6 +616,38 @@ class _Handler(BaseHTTPRequestHandler):
             record.response = None
 
 
+def _base64_floats(vector: Sequence[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def _embedding_inputs(body: JSONObject) -> tuple[list[str], str | None]:
+    """The texts of an embeddings request (token arrays as their ids joined), or a problem."""
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        return [], "you must provide a model parameter"
+    if body.get("encoding_format") not in (None, "float", "base64"):
+        return [], "encoding_format must be one of float, base64"
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        return [], "dimensions must be a positive integer"
+    raw = body.get("input")
+    items: list[Any] = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
+    if raw is None or not items:
+        return [], "'input' must be a non-empty string or array"
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in items):
+        items = [items]  # one text given as token ids
+    texts: list[str] = []
+    for item in items:
+        if isinstance(item, str) and item:
+            texts.append(item)
+        elif isinstance(item, list) and item and all(isinstance(t, int) for t in item):
+            texts.append(" ".join(str(t) for t in item))
+        else:
+            return [], "'$.input' is invalid. Please check the API reference."
+    return texts, None
+
+
 def _request_problem(body: JSONObject) -> str | None:
     if not isinstance(body.get("model"), str) or not body["model"]:
         return "you must provide a model parameter"
@@ -566,9 +681,14 @@ class FakeOpenAIServer:
         models: Sequence[str] = DEFAULT_MODELS,
         host: str = "127.0.0.1",
         port: int = 0,
+        embedder: EmbeddingFn | None = None,
+        embedding_dimensions: int = 384,
     ) -> None:
         """`port` 0 lets the OS choose a free one; read it back from `url` after `start()`."""
         self.responder: Responder = responder or schema_responder
+        self.embedder: EmbeddingFn = embedder or hash_embedding
+        self.embedding_dimensions = embedding_dimensions
+        self._embedding_faults: deque[Fault] = deque()
         self.latency = latency
         self.api_key = api_key
         self.models: list[str] = list(models)
@@ -651,6 +771,11 @@ class FakeOpenAIServer:
         with self._lock:
             self._faults.extend(faults)
 
+    def fail_next_embeddings(self, *faults: Fault) -> None:
+        """Queue faults for embedding requests: each later one consumes one, in order."""
+        with self._lock:
+            self._embedding_faults.extend(faults)
+
     def fail_always(self, fault: Fault | None) -> None:
         """Apply `fault` to every completion request (after any queued ones); None clears it."""
         with self._lock:
@@ -661,6 +786,7 @@ class FakeOpenAIServer:
         with self._lock:
             self._requests.clear()
             self._faults.clear()
+            self._embedding_faults.clear()
             self._always = None
             self.responder_errors.clear()
 
@@ -679,6 +805,13 @@ class FakeOpenAIServer:
             r
             for r in self.requests
             if r.method == "POST" and r.path.rstrip("/") in COMPLETION_PATHS
+        ]
+
+    @property
+    def embeddings(self) -> list[RecordedRequest]:
+        """The embedding requests received so far, in arrival order."""
+        return [
+            r for r in self.requests if r.method == "POST" and r.path.rstrip("/") in EMBEDDING_PATHS
         ]
 
     @property
@@ -707,6 +840,10 @@ class FakeOpenAIServer:
     def _take_fault(self) -> Fault | None:
         with self._lock:
             return self._faults.popleft() if self._faults else self._always
+
+    def _take_embedding_fault(self) -> Fault | None:
+        with self._lock:
+            return self._embedding_faults.popleft() if self._embedding_faults else None
 
     def _pause(self, seconds: float) -> bool:
         """Wait, unless the server stops first (then False)."""
