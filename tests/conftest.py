@@ -4,6 +4,10 @@ materialize the newsletter in-process (the fast path; a few tests use the real C
 from __future__ import annotations
 
 import os
+
+# Tests run beside each other and beside subprocesses on two cores: a BLAS pool per process
+# oversubscribes them (a 6 ms embedding took 130 ms under contention). Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import shutil
 import socket
 import sys
