@@ -17,6 +17,7 @@ from aios_dagster.config import AiosConfig
 from aios_dagster.connectors.intent_log import IntentLog
 from aios_dagster.gateway import LLMGateway
 from aios_dagster.ledger import Ledger
+from aios_dagster.memory.cold_store import ColdStore
 from aios_dagster.memory.facts import FactStore
 from aios_dagster.memory.working_set import WorkingSet
 from aios_dagster.published import PublishedWork
@@ -97,6 +98,7 @@ class Kernel:
     gateway: LLMGateway
     agents: AgentRuntime
     facts: FactStore
+    cold_store: ColdStore
     _working_sets: dict[str, WorkingSet] = field(default_factory=dict)
 
     def working_set(self, workflow: str) -> WorkingSet:
@@ -125,6 +127,7 @@ class Kernel:
         )
         gateway = LLMGateway(config.llm, api_key=llm_api_key, audit=audit)
         approvals = ApprovalDesk(ledger, paths.staged, audit, drafts_dir=paths.drafts)
+        cold_store = ColdStore(paths.cold_store)
         return cls(
             config=config,
             paths=paths,
@@ -137,7 +140,8 @@ class Kernel:
             published=PublishedWork(ledger),
             gateway=gateway,
             agents=AgentRuntime(config.llm, gateway, audit),
-            facts=FactStore(warehouse, approvals, audit),
+            facts=FactStore(warehouse, approvals, audit, cold_store=cold_store),
+            cold_store=cold_store,
         )
 
 

@@ -31,6 +31,7 @@ from aios_dagster.kernel import Kernel
 from aios_dagster.memory.facts import (
     APPLY_FACT_CHANGE_JOB,
     FactProposal,
+    FactStore,
     InvalidFact,
     ProposalError,
     RevertRefused,
@@ -654,3 +655,18 @@ def test_a_facts_read_waits_out_another_processes_write_lock(
     finally:
         holder.release()
     assert fact is not None and fact.value == PRO
+
+
+def test_every_fact_change_is_mirrored_to_the_cold_store(kernel: Kernel) -> None:
+    """Changes reach the Parquet cold store, including ones committed before it was attached."""
+    unmirrored = FactStore(kernel.warehouse, kernel.approvals, kernel.audit)
+    unmirrored.set("brand_voice.tone", "warm", actor="operator:test", reason="first")
+    kernel.facts.set("brand_voice.tone", "warm, plain", actor="operator:test", reason="second")
+    kernel.facts.set("price.pro_monthly", {"amount": 19}, actor="operator:test", reason="launch")
+    rows = kernel.cold_store.read("fact_changes").to_pylist()
+    assert [(r["fact_key"], r["reason"]) for r in rows] == [
+        ("brand_voice.tone", "first"),
+        ("brand_voice.tone", "second"),
+        ("price.pro_monthly", "launch"),
+    ]
+    assert [r["change_id"] for r in rows] == sorted({r["change_id"] for r in rows})

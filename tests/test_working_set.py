@@ -96,3 +96,25 @@ def test_an_oversized_entry_is_refused_with_a_reason(ledger: Ledger) -> None:
     assert len(ws) == 0
     with pytest.raises(ValueError, match="needs a key"):
         ws.remember("artifact", "no key")
+
+
+def test_every_write_and_eviction_reaches_the_cold_store(ledger: Ledger, tmp_path: Path) -> None:
+    from aios_dagster.memory.cold_store import ColdStore
+
+    cold = ColdStore(tmp_path / "cold")
+    ws = WorkingSet(ledger, "newsletter", max_entries=2, cold_store=cold).load()
+    for n in range(3):
+        ws.remember("interaction", f"message {n}")
+    ws.remember("artifact", {"v": 1}, key="current_draft")
+    ws.remember("artifact", {"v": 2}, key="current_draft")
+    history = cold.read("working_set").to_pylist()
+    ops = [(row["op"], row["content"]) for row in history]
+    assert ("evict", '"message 0"') in ops
+    assert ("evict", '{"v": 1}') in ops  # a replaced artifact's old value is kept
+    assert [c for op, c in ops if op == "write"] == [
+        '"message 0"',
+        '"message 1"',
+        '"message 2"',
+        '{"v": 1}',
+        '{"v": 2}',
+    ]

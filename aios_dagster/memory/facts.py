@@ -41,7 +41,12 @@ from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
 from aios_dagster.approvals import ApprovalDesk, NotAuthorized, StagedPayload, approval_id_for
 from aios_dagster.audit import AuditEvent, AuditLog
+from aios_dagster.files import atomic_write
+from aios_dagster.memory.cold_store import ColdStore
 from aios_dagster.warehouse import Warehouse
+
+COLD_TABLE = "fact_changes"
+"""The cold store table that mirrors `facts.changes`."""
 
 FactCategory = Literal["price", "package", "legal", "audience", "brand_voice", "other"]
 CATEGORIES: tuple[FactCategory, ...] = get_args(FactCategory)
@@ -452,11 +457,13 @@ class FactStore:
         audit: AuditLog,
         *,
         irreversible: frozenset[FactCategory] = IRREVERSIBLE_CATEGORIES,
+        cold_store: ColdStore | None = None,
     ) -> None:
         self.warehouse = warehouse
         self.approvals = approvals
         self.audit = audit
         self.irreversible = irreversible
+        self.cold_store = cold_store
         self._schema_ready = False
 
     # --- connections ------------------------------------------------------------------------
@@ -500,6 +507,27 @@ class FactStore:
                 connection.rollback()
                 raise
             connection.commit()
+            self._mirror_to_cold(connection)
+
+    def _mirror_to_cold(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """Append every committed change not yet in the cold store (a watermark file says how
+        far it got, so changes committed just before a crash are mirrored by the next write)."""
+        if self.cold_store is None:
+            return
+        marker = self.cold_store.table_path(COLD_TABLE) / "mirrored_through.json"
+        done = json.loads(marker.read_text())["change_id"] if marker.exists() else 0
+        cursor = connection.execute(
+            "SELECT change_id, fact_key, category, old_value, new_value, actor, run_id, reason,"
+            " changed_at, reverts_change_id, proposal_id, approval_id FROM facts.changes"
+            " WHERE change_id > ? ORDER BY change_id",
+            [done],
+        )
+        columns = [d[0] for d in cursor.description or []]
+        rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        if not rows:
+            return
+        self.cold_store.append(COLD_TABLE, rows)
+        atomic_write(marker, json.dumps({"change_id": rows[-1]["change_id"]}))
 
     # --- categories ---------------------------------------------------------------------------
 

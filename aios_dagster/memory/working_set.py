@@ -10,7 +10,7 @@ Bounds and eviction, per workflow:
 - artifacts are keyed: writing a key replaces its previous value, and at most `max_artifacts`
   keys are kept (the least recently written is evicted);
 - no entry may exceed `max_entry_bytes` of JSON (a working set is a summary, not a store).
-Evicted entries are handed to `on_evict` (the cold store keeps them), so nothing is lost.
+Every write and every eviction is also appended to the cold store, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from aios_dagster.ledger import Ledger, utc_now
+from aios_dagster.memory.cold_store import ColdStore
 
 EntryKind = Literal["interaction", "artifact", "question", "decision"]
 STREAM_KINDS: tuple[EntryKind, ...] = ("interaction", "question", "decision")
+COLD_TABLE = "working_set"
 
 
 class WorkingSetEntry(BaseModel):
@@ -64,6 +66,7 @@ class WorkingSet:
         max_artifacts: int = 20,
         max_entry_bytes: int = 64_000,
         on_evict: EvictionSink | None = None,
+        cold_store: ColdStore | None = None,
     ) -> None:
         self.ledger = ledger
         self.workflow = workflow
@@ -71,6 +74,7 @@ class WorkingSet:
         self.max_artifacts = max_artifacts
         self.max_entry_bytes = max_entry_bytes
         self.on_evict = on_evict
+        self.cold_store = cold_store
         self._lock = threading.Lock()
         self._stream: deque[WorkingSetEntry] = deque()
         self._artifacts: dict[str, WorkingSetEntry] = {}
@@ -186,8 +190,10 @@ class WorkingSet:
                 ),
                 {"w": self.workflow, "v": version},
             )
+        self._to_cold([entry], op="write")
+        self._to_cold(evicted, op="evict")
         if self.on_evict and evicted:
-            self.on_evict(evicted)  # a replaced artifact's old value goes to the cold store too
+            self.on_evict(evicted)
         self._version = -1  # reload: this also picks up other writers' entries
         self.load()
         return entry
@@ -204,11 +210,24 @@ class WorkingSet:
                 ),
                 {"w": self.workflow},
             )
+        self._to_cold(removed, op="resolve")
         if self.on_evict and removed:
             self.on_evict(removed)
         self._version = -1
         self.load()
         return len(removed)
+
+    def _to_cold(self, entries: list[WorkingSetEntry], *, op: str) -> None:
+        # Every write and every eviction is kept in the cold store: evicted is not lost.
+        if self.cold_store is None or not entries:
+            return
+        self.cold_store.append(
+            COLD_TABLE,
+            [
+                {**e.model_dump(exclude={"content"}), "content": json.dumps(e.content), "op": op}
+                for e in entries
+            ],
+        )
 
     def _insert(self, tx: sa.Connection, entry: WorkingSetEntry) -> None:
         tx.execute(
