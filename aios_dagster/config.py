@@ -266,6 +266,18 @@ class NewsletterSettings(_Section):
     subscribers_file: Path | None = Field(
         default=None, description="A text or CSV file with one subscriber email per line."
     )
+    feedback_csv: Path | None = Field(
+        default=None,
+        description="Audience feedback exported from the email tool (CSV: a row per story link "
+        "or per issue, with columns such as issue/date, url, title, opens, clicks, replies); "
+        "the planner ranks topics like the ones readers engaged with higher. Relative to the "
+        "config file; bad rows are quarantined, never fatal.",
+    )
+    ratings_file: Path | None = Field(
+        default=None,
+        description="The operator's own ratings of past stories (CSV: url or title, optional "
+        "issue, rating from 1 to 5); combined with feedback_csv when both are set.",
+    )
 
     @field_validator("feeds")
     @classmethod
@@ -276,6 +288,22 @@ class NewsletterSettings(_Section):
             if "://" in feed and not re.match(r"^(https?|file)://", feed):
                 raise ValueError(f"'{feed}' must be an http(s) URL or a local path")
         return feeds
+
+    @field_validator("feedback_csv", "ratings_file")
+    @classmethod
+    def _csv_file(cls, value: Path | None) -> Path | None:
+        # A spreadsheet saved as .xlsx or a folder name is a likely slip: say so at load time
+        # instead of quarantining the whole file at every run.
+        if value is None:
+            return None
+        if not str(value).strip() or str(value) == ".":
+            raise ValueError("must name a file (leave the key empty for none)")
+        if value.suffix.lower() not in {".csv", ".tsv", ".txt"}:
+            raise ValueError(
+                f"'{value}' must be a .csv, .tsv or .txt export (comma-, "
+                "semicolon- or tab-separated)"
+            )
+        return value
 
     @field_validator("site_url")
     @classmethod

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aios_dagster.agents import AgentRuntime
 from aios_dagster.approvals import ApprovalDesk
@@ -23,6 +25,10 @@ from aios_dagster.memory.working_set import WorkingSet
 from aios_dagster.published import PublishedWork
 from aios_dagster.quarantine import Quarantine
 from aios_dagster.warehouse import Warehouse
+
+if TYPE_CHECKING:
+    # LanceDB takes about two seconds to import: only processes that recall pay for it.
+    from aios_dagster.memory.semantic_index import SemanticIndex
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,39 @@ class Kernel:
     facts: FactStore
     cold_store: ColdStore
     _working_sets: dict[str, WorkingSet] = field(default_factory=dict)
+    _llm_api_key: str | None = field(default=None, repr=False)
+    _semantic_index: SemanticIndex | None = field(default=None, repr=False)
+    _semantic_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def semantic_index(self) -> SemanticIndex:
+        """The semantic memory (LanceDB), opened on first use and kept for this kernel.
+
+        Lazy because it builds the embedder (`memory.embeddings`), and a kernel that never
+        recalls anything (the CLI listing approvals, a sensor tick) should not pay for it; the
+        kernel itself is built once per process, and so is this. Reads are strongly consistent
+        (runs, the CLI and tests write the same folder from other objects and processes), and
+        while the index is still empty it is reopened on each call, so a table another process
+        created since is seen. Raises ConfigError or EmbeddingError when the configured embedder
+        cannot work.
+        """
+        with self._semantic_lock:
+            index = self._semantic_index
+            if index is None or index.count() == 0:
+                from aios_dagster.memory.embeddings import embedder_for
+                from aios_dagster.memory.semantic_index import SemanticIndex
+
+                embedder = index.embedder if index else embedder_for(self.config, self._llm_api_key)
+                index = SemanticIndex(
+                    self.paths.semantic_index,
+                    embedder,
+                    self.config.memory,
+                    cold_store=self.cold_store,
+                    audit=self.audit,
+                    quarantine=self.quarantine,
+                    read_consistency_interval=timedelta(0),
+                )
+                self._semantic_index = index
+            return index
 
     def working_set(self, workflow: str) -> WorkingSet:
         """The workflow's working set, loaded once per process and refreshed on each call."""
@@ -142,6 +181,7 @@ class Kernel:
             agents=AgentRuntime(config.llm, gateway, audit),
             facts=FactStore(warehouse, approvals, audit, cold_store=cold_store),
             cold_store=cold_store,
+            _llm_api_key=llm_api_key,
         )
 
 

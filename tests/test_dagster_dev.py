@@ -222,9 +222,12 @@ def test_dev_server_serves_the_code_location(command: list[str], tmp_path: Path)
             deps = {"/".join(d["path"]) for d in node["dependencyKeys"]}
             assert deps == expected["deps"], key
         issue_job = {k for k, n in nodes.items() if "newsletter_issue" in n["jobNames"]}
-        assert issue_job == set(NEWSLETTER_ASSETS) - {"newsletter/published_issue"}
+        assert issue_job == (set(NEWSLETTER_ASSETS) - {"newsletter/published_issue"}) | {
+            "memory/newsletter_sources",
+            "memory/newsletter_feedback",
+        }
         publish_job = {k for k, n in nodes.items() if "publish_newsletter_issue" in n["jobNames"]}
-        assert publish_job == {"newsletter/published_issue"}
+        assert publish_job == {"newsletter/published_issue", "memory/newsletter_published"}
         checks = nodes["newsletter/draft"]["assetChecksOrError"]["checks"]
         assert checks == [{"name": "editorial_qa", "blocking": True}]
 

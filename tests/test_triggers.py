@@ -261,11 +261,14 @@ def test_definitions_snapshot(config_path: Path, definitions_module: ModuleType)
     issue_job = defs.resolve_job_def("newsletter_issue")
     publish_job = defs.resolve_job_def(PUBLISH_JOB)
     assert issue_job.partitions_def == ISSUE_WEEKS == publish_job.partitions_def
-    assert {k.to_user_string() for k in issue_job.asset_layer.executable_asset_keys} == set(
-        NEWSLETTER
-    ) - {"newsletter/published_issue"}
+    # Each job also remembers what it worked on (group "memory"): this week's sources and the
+    # audience feedback when preparing, the published stories when publishing.
+    assert {k.to_user_string() for k in issue_job.asset_layer.executable_asset_keys} == (
+        set(NEWSLETTER) - {"newsletter/published_issue"}
+    ) | {"memory/newsletter_sources", "memory/newsletter_feedback"}
     assert {k.to_user_string() for k in publish_job.asset_layer.executable_asset_keys} == {
-        "newsletter/published_issue"
+        "newsletter/published_issue",
+        "memory/newsletter_published",
     }
     sensor = defs.resolve_sensor_def("approved_actions")
     assert sorted(t.job_name for t in sensor.targets) == ["apply_fact_change", PUBLISH_JOB]

@@ -84,6 +84,10 @@ def show(approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")
         console.print(f"  made by:       {tiers}", markup=False)
     if "cost_so_far_usd" in payload.metadata:
         console.print(f"  cost so far:   ${payload.metadata['cost_so_far_usd']:.4f}")
+    questions = payload.metadata.get("questions")
+    if isinstance(questions, list) and questions:
+        for question in questions:
+            console.print(f"  question:      {question}", soft_wrap=True, markup=False)
     if approval.decided_by:
         console.print(
             f"  decided by:    {approval.decided_by} at {approval.decided_at}", markup=False

@@ -19,7 +19,8 @@ from aios_dagster.kernel import Kernel
 
 CODE_LOCATION_ENV_VAR = "AIOS_CODE_LOCATION"
 DEFAULT_CODE_LOCATION = "definitions"
-QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+"""The CLI prints its own summary (questions included); Dagster's console shows only errors."""
 
 DEFAULT_DAGSTER_YAML = """\
 # Written by aios for a local Dagster instance. See examples/dagster.postgres.yaml for Postgres.

@@ -145,6 +145,16 @@ def run_command(
             soft_wrap=True,
             markup=False,
         )
+        _print_questions(kernel.approvals.load_payload(approval).metadata.get("questions"))
+
+
+def _print_questions(questions: object) -> None:
+    """The agents' open questions: what memory could not answer, for the operator to settle."""
+    if not isinstance(questions, list) or not questions:
+        return
+    console.print(f"  The agents need you on {len(questions)} question(s) before you approve:")
+    for question in questions:
+        console.print(f"    - {question}", soft_wrap=True, markup=False)
 
 
 @config_app.command("check")

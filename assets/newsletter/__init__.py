@@ -1,7 +1,13 @@
-"""The weekly newsletter workflow: research, outline, draft, editorial QA, approval, publish."""
+"""The weekly newsletter workflow: research, outline, draft, editorial QA, approval, publish,
+and the memory assets that remember its sources, its audience's feedback and what it published."""
 
+import dagster as dg
+
+from assets.newsletter import memory_assets
 from assets.newsletter.assets import (
-    ASSETS,
+    ASSETS as WORKFLOW_ASSETS,
+)
+from assets.newsletter.assets import (
     CHECKS,
     ISSUE_WEEKS,
     JOBS,
@@ -9,6 +15,8 @@ from assets.newsletter.assets import (
     newsletter_issue_job,
     publish_newsletter_job,
 )
+
+ASSETS: list[dg.AssetsDefinition | dg.AssetSpec] = [*WORKFLOW_ASSETS, *memory_assets.ASSETS]
 
 __all__ = [
     "ASSETS",

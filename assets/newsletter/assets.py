@@ -3,22 +3,42 @@
 sources (researcher) -> outline (planner) -> draft (drafter) -> editorial QA (blocking check)
 -> approval_request (staged, hashed, waiting for the operator) -> published_issue (publisher,
 only with an approval for that exact hash).
+
+Memory (see `memory` and `memory_assets`): research drops items an earlier issue already told
+(semantic recall), the planner ranks with audience feedback, the drafter cites business facts
+only when the retrieval policy trusts them and otherwise asks the operator; the working set
+keeps the current draft, the planner's decisions and the drafter's open questions. The memory
+assets (group `memory`) ingest this week's sources and the audience feedback in the issue job,
+and each published issue's stories in the publish job.
 """
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 
 from aios_dagster.approvals import APPROVAL_TAG, NotAuthorized, StagedPayload
 from aios_dagster.audit import StepContext
+from aios_dagster.config import AiosConfig, ConfigError
 from aios_dagster.connectors.base import EffectRequest
+from aios_dagster.kernel import Kernel
+from aios_dagster.memory.embeddings import EmbeddingError
+from aios_dagster.memory.recall import RetrievalPolicy
+from aios_dagster.memory.working_set import EntryTooLarge
 from aios_dagster.sources.items import SourceItem
 from assets.newsletter.editorial_qa import review_issue
+from assets.newsletter.feedback import AudienceFeedback, load_feedback
+from assets.newsletter.memory import (
+    FactRecall,
+    feedback_boosts,
+    has_past_stories,
+    recall_facts,
+)
 from assets.newsletter.models import (
     ApprovalTicket,
     DrafterInput,
     DraftStep,
+    FeedbackBoost,
     OutlineStep,
     PlannerInput,
     ResearchDigest,
@@ -51,6 +71,12 @@ OUTLINE = dg.AssetKey(["newsletter", "outline"])
 DRAFT = dg.AssetKey(["newsletter", "draft"])
 APPROVAL_REQUEST = dg.AssetKey(["newsletter", "approval_request"])
 PUBLISHED_ISSUE = dg.AssetKey(["newsletter", "published_issue"])
+MEMORY_SOURCES = dg.AssetKey(["memory", "newsletter_sources"])
+MEMORY_FEEDBACK = dg.AssetKey(["memory", "newsletter_feedback"])
+MEMORY_PUBLISHED = dg.AssetKey(["memory", "newsletter_published"])
+MAX_DRAFT_CHARS_REMEMBERED = 40_000
+"""The working set keeps summaries: a longer draft is remembered clipped (the full text is
+the draft asset and the staged payload)."""
 
 
 def _step(
@@ -94,7 +120,8 @@ def _recent(aios: AiosKernel, partition_key: str) -> tuple[list[str], list[str]]
     owners=OWNERS,
     kinds={"python", "rss"},
     description="Research: this week's candidate items from the operator's feeds and notes. "
-    "Bad input is quarantined with its reason; items covered by past issues are dropped.",
+    "Bad input is quarantined with its reason; items covered by past issues (the same URL, or "
+    "the same news retold, recalled from semantic memory) are dropped with the reason.",
 )
 def sources(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Output[ResearchDigest]:
     """The researcher's digest for one issue."""
@@ -114,6 +141,11 @@ def sources(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Output[Re
                 "\n".join(f"- `{q.source[:80]}`: {q.reason}" for q in digest.quarantined)
                 or "_none_"
             ),
+            "dropped_as_covered": sum(1 for d in digest.dropped if d.covered_by is not None),
+            "drop_reasons": dg.MetadataValue.md(
+                "\n".join(f"- {d.title[:80]}: {d.reason}" for d in digest.dropped) or "_none_"
+            ),
+            "semantic_dedupe": digest.memory_note or "ran",
             "preview": dg.MetadataValue.md(preview),
         },
     )
@@ -127,7 +159,7 @@ def sources(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Output[Re
     owners=OWNERS,
     kinds={"python", "openai"},
     description="Planner: picks and orders the items that matter most to the audience, "
-    "skipping topics from recent issues.",
+    "ranked with audience feedback on similar past stories, skipping topics from recent issues.",
 )
 def outline(
     context: dg.AssetExecutionContext, aios: AiosKernel, sources: ResearchDigest
@@ -136,6 +168,10 @@ def outline(
     config = aios.operator_config()
     kernel = aios.kernel()
     topics, urls = _recent(aios, context.partition_key)
+    feedback = load_feedback(config)
+    boosts, feedback_note = _feedback_boosts(
+        config, kernel, _step(context, OUTLINE), sources, feedback
+    )
     inputs = PlannerInput(
         newsletter_title=config.newsletter.title,
         issue_date=context.partition_key,
@@ -145,6 +181,8 @@ def outline(
         items=sources.items,
         recent_topics=topics,
         recent_urls=urls,
+        feedback_boosts={b.item_id: b.boost for b in boosts if b.boost},
+        reader_engagement=feedback.stories,
     )
     result = kernel.agents.run(PLANNER, inputs, _step(context, OUTLINE))
     known = sources.by_id()
@@ -164,6 +202,7 @@ def outline(
             detail={"unknown_ids": unknown[:20]},
         )
     chosen = [known[i].title for s in plan.sections for i in s.item_ids if i in known]
+    moved = {b.title: b.boost for b in boosts if b.boost}
     kernel.audit.note(
         _step(context, OUTLINE),
         kind="decision",
@@ -171,16 +210,108 @@ def outline(
         subject="outline",
         decision="planned",
         reason=f"chose {len(chosen)} of {len(sources.items)} items on the {result.tier} tier"
-        + (f" ({result.note})" if result.note else ""),
-        detail={"chosen": chosen, "model": result.model},
+        + (f" ({result.note})" if result.note else "")
+        + (
+            f"; audience feedback moved {len(moved)} candidates"
+            if moved
+            else f"; no feedback boost ({feedback_note})"
+        ),
+        detail={"chosen": chosen, "model": result.model, "feedback_boosts": moved},
     )
     kernel.audit.flush()
-    step = OutlineStep.model_validate(result.model_dump())
+    step = OutlineStep.model_validate({**result.model_dump(), "feedback": boosts})
+    _remember(
+        kernel,
+        context,
+        "decision",
+        {
+            "issue": context.partition_key,
+            "step": "planner",
+            "tier": result.tier,
+            "chosen": chosen,
+            "feedback_boosts": moved,
+        },
+        key=f"planner:{context.partition_key}",
+    )
     preview = f"**{plan.title}**\n\n" + "\n".join(
         f"- {s.heading}: " + ", ".join(known[i].title for i in s.item_ids if i in known)
         for s in plan.sections
     )
-    return dg.Output(step, metadata=_step_metadata(step, preview))
+    metadata = _step_metadata(step, preview)
+    metadata["feedback_stories"] = len(feedback.stories)
+    metadata["feedback_rows_unusable"] = len(feedback.problems)
+    metadata["feedback_boosts"] = dg.MetadataValue.md(_boosts_table(boosts) or feedback_note)
+    return dg.Output(step, metadata=metadata)
+
+
+def _feedback_boosts(
+    config: AiosConfig,
+    kernel: Kernel,
+    step: StepContext,
+    sources: ResearchDigest,
+    feedback: AudienceFeedback,
+) -> tuple[list[FeedbackBoost], str]:
+    """Feedback boosts for this week's candidates, or none and why."""
+    if not feedback.files:
+        return [], "no feedback configured (newsletter.feedback_csv, newsletter.ratings_file)"
+    if not feedback.stories:
+        return [], "the feedback files name no story"
+    try:
+        index = kernel.semantic_index()
+        if not has_past_stories(index, step.partition_key or ""):
+            return [], "no earlier issue in semantic memory to compare with"
+        boosts = feedback_boosts(
+            index,
+            sources.items,
+            feedback,
+            step.partition_key or "",
+            floor=config.memory.recall_threshold,
+        )
+    except (ConfigError, EmbeddingError) as exc:
+        note = f"semantic memory unavailable, ranked without feedback: {exc}"
+        kernel.audit.note(
+            step,
+            kind="decision",
+            actor="agent:planner",
+            subject="memory:semantic_index",
+            decision="feedback not used",
+            reason=note,
+        )
+        return [], note
+    if not any(b.boost for b in boosts):
+        return boosts, "no candidate resembles a past story with feedback"
+    return boosts, ""
+
+
+def _boosts_table(boosts: list[FeedbackBoost]) -> str:
+    rows = [
+        f"| {b.title[:70]} | {b.boost:+.2f} | "
+        + "; ".join(
+            f"{s.headline[:50]} ({s.issue}, sim {s.similarity:.2f}, engagement {e:+.2f})"
+            for s, e in zip(b.similar_stories[:3], b.engagements[:3], strict=False)
+        )
+        + " |"
+        for b in sorted(boosts, key=lambda b: -abs(b.boost))
+        if b.boost
+    ]
+    if not rows:
+        return ""
+    return "| candidate | boost | like past stories |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def _remember(
+    kernel: Kernel,
+    context: dg.AssetExecutionContext,
+    kind: Literal["decision", "question", "artifact"],
+    content: Any,
+    *,
+    key: str,
+) -> None:
+    """Write to the workflow's working set; a summary too large for it is logged, not fatal."""
+    try:
+        kernel.working_set(WORKFLOW).remember(kind, content, key=key, run_id=context.run.run_id)
+    except EntryTooLarge as exc:
+        context.log.warning(f"working set: {exc}")
 
 
 @dg.asset(
@@ -191,7 +322,8 @@ def outline(
     owners=OWNERS,
     kinds={"python", "openai", "markdown"},
     description="Drafter: writes the issue from the outline, one story per item, each citing "
-    "its source. Checked by editorial QA before it can be sent for approval.",
+    "its source; states business facts only when the retrieval policy trusts them, and asks the "
+    "operator otherwise. Checked by editorial QA before it can be sent for approval.",
 )
 def draft(
     context: dg.AssetExecutionContext,
@@ -204,6 +336,7 @@ def draft(
     kernel = aios.kernel()
     chosen = {i for s in outline.output.sections for i in s.item_ids}
     items: list[SourceItem] = [i for i in sources.items if i.item_id in chosen]
+    facts = _recall_facts(config, kernel, _step(context, DRAFT), items)
     inputs = DrafterInput(
         newsletter_title=config.newsletter.title,
         issue_date=context.partition_key,
@@ -211,22 +344,99 @@ def draft(
         interests=config.newsletter.audience.interests,
         outline=outline.output,
         items=items,
+        facts=facts.cited,
     )
     result = kernel.agents.run(DRAFTER, inputs, _step(context, DRAFT))
     kernel.audit.flush()
-    markdown = issue_markdown(result.output, issue_date=context.partition_key)
+    markdown = issue_markdown(result.output, issue_date=context.partition_key, facts=facts.cited)
     step = DraftStep.model_validate(
         {
             **result.model_dump(),
             "markdown": markdown,
             "word_count": word_count(markdown),
             "cost_so_far_usd": outline.cost_usd + result.cost_usd,
+            "cited_facts": facts.cited,
+            "questions": [facts.question] if facts.question else [],
         }
+    )
+    _track_questions(kernel, context, step.questions)
+    _remember(
+        kernel,
+        context,
+        "artifact",
+        {
+            "issue": context.partition_key,
+            "title": step.output.title,
+            "tier": step.tier,
+            "word_count": step.word_count,
+            "markdown": markdown[:MAX_DRAFT_CHARS_REMEMBERED],
+            "clipped": len(markdown) > MAX_DRAFT_CHARS_REMEMBERED,
+            "cited_facts": [f.key for f in step.cited_facts],
+            "questions": step.questions,
+        },
+        key="current_draft",
     )
     metadata = _step_metadata(step, markdown)
     metadata["word_count"] = step.word_count
     metadata["cost_so_far_usd"] = dg.MetadataValue.float(step.cost_so_far_usd)
+    metadata["needs_operator_attention"] = step.needs_operator_attention
+    metadata["questions"] = dg.MetadataValue.md(
+        "\n".join(f"- {q}" for q in step.questions) or "_none_"
+    )
+    metadata["cited_facts"] = dg.MetadataValue.md(
+        "\n".join(
+            f"- `{f.key}`: {f.value} (as of {f.as_of}, similarity {f.similarity:.2f})"
+            for f in step.cited_facts
+        )
+        or "_none_"
+    )
+    metadata["facts_best_similarity"] = dg.MetadataValue.float(
+        round(facts.recall.best_similarity, 4)
+    )
     return dg.Output(step, metadata=metadata)
+
+
+def _track_questions(
+    kernel: Kernel, context: dg.AssetExecutionContext, questions: list[str]
+) -> None:
+    """Keep this issue's open questions in the working set: ask each new one once, and close
+    the ones a new draft no longer asks (the operator supplied the facts, the stories changed)."""
+    working_set = kernel.working_set(WORKFLOW)
+    key = f"draft:{context.partition_key}"
+    for entry in working_set.recent("question"):
+        if entry.entry_key == key and entry.content not in questions:
+            working_set.resolve_question(str(entry.content))
+            context.log.info(f"The drafter no longer asks: {entry.content}")
+    open_questions = set(working_set.open_questions())
+    for question in questions:
+        context.log.warning(f"The drafter needs the operator: {question}")
+        if question not in open_questions:
+            _remember(kernel, context, "question", question, key=key)
+
+
+def _recall_facts(
+    config: AiosConfig, kernel: Kernel, step: StepContext, items: list[SourceItem]
+) -> FactRecall:
+    """The facts the drafter may state, or the question it asks instead (see `recall_facts`).
+
+    When the embedder cannot run, nothing can be judged relevant: the policy then sees no
+    hits, so memory is not used as fact and the operator is asked, as for a poor match.
+    """
+    try:
+        return recall_facts(kernel, items, step, threshold=config.memory.recall_threshold)
+    except (ConfigError, EmbeddingError) as exc:
+        kernel.audit.note(
+            step,
+            kind="decision",
+            actor="agent:drafter",
+            subject="memory:semantic_index",
+            decision="facts not recalled",
+            reason=f"semantic memory unavailable: {exc}",
+        )
+        recall = RetrievalPolicy(config.memory.recall_threshold, kernel.audit).judge(
+            "business facts for this issue", [], step, actor="agent:drafter"
+        )
+        return FactRecall(recall=recall, question=recall.clarifying_question())
 
 
 @dg.asset_check(
@@ -312,9 +522,22 @@ def approval_request(
         metadata={
             "source_urls": sorted({s.source_url for s in stories}),
             "topics": [s.headline for s in stories],
+            "stories": [
+                {
+                    "section": section.heading,
+                    "headline": s.headline,
+                    "body": s.body,
+                    "source_url": s.source_url,
+                }
+                for section in draft.output.sections
+                for s in section.stories
+            ],
             "tiers": {"drafter": draft.tier, "drafter_model": draft.model},
             "cost_so_far_usd": draft.cost_so_far_usd,
             "quarantined_inputs": len(sources.quarantined),
+            "cited_facts": [f.model_dump() for f in draft.cited_facts],
+            "questions": draft.questions,
+            "needs_operator_attention": draft.needs_operator_attention,
         },
     )
     approval = kernel.approvals.request(payload, execute_job=PUBLISH_JOB, run_id=context.run.run_id)
@@ -341,6 +564,11 @@ def approval_request(
         approve_command=command,
     )
     context.log.info(f"Draft staged at {markdown_path}. Approve and publish with: {command}")
+    if draft.questions:
+        context.log.warning(
+            f"Before approving, answer the drafter's {len(draft.questions)} question(s): "
+            + " | ".join(draft.questions)
+        )
     return dg.Output(
         ticket,
         metadata={
@@ -350,6 +578,10 @@ def approval_request(
             "draft_markdown": dg.MetadataValue.path(str(markdown_path)),
             "approve_command": dg.MetadataValue.md(f"`{command}`"),
             "cost_so_far_usd": dg.MetadataValue.float(draft.cost_so_far_usd),
+            "needs_operator_attention": draft.needs_operator_attention,
+            "questions": dg.MetadataValue.md(
+                "\n".join(f"- {q}" for q in draft.questions) or "_none_"
+            ),
         },
     )
 
@@ -455,15 +687,19 @@ def published_issue(
 
 newsletter_issue_job = dg.define_asset_job(
     ISSUE_JOB,
-    selection=dg.AssetSelection.assets(SOURCES, OUTLINE, DRAFT, APPROVAL_REQUEST),
-    description="Prepare this week's issue up to the approval gate.",
+    selection=dg.AssetSelection.assets(
+        SOURCES, OUTLINE, DRAFT, APPROVAL_REQUEST, MEMORY_SOURCES, MEMORY_FEEDBACK
+    ),
+    description="Prepare this week's issue up to the approval gate, and remember this week's "
+    "sources and the latest audience feedback.",
     tags={"aios/workflow": WORKFLOW},
 )
 
 publish_newsletter_job = dg.define_asset_job(
     PUBLISH_JOB,
-    selection=dg.AssetSelection.assets(PUBLISHED_ISSUE),
-    description="Publish an approved issue (launched by the approvals sensor or the CLI).",
+    selection=dg.AssetSelection.assets(PUBLISHED_ISSUE, MEMORY_PUBLISHED),
+    description="Publish an approved issue (launched by the approvals sensor or the CLI), then "
+    "remember its stories so later issues do not repeat them.",
     tags={"aios/workflow": WORKFLOW},
 )
 

@@ -9,6 +9,17 @@ from aios_dagster.quarantine import QuarantinedInput
 from aios_dagster.sources.items import SourceItem
 
 
+class PastStory(BaseModel):
+    """A story of an earlier published issue, as semantic memory recalled it."""
+
+    source_id: str
+    headline: str
+    issue: str
+    url: str | None
+    similarity: float
+    """Cosine similarity between the candidate and this story (exact, from the index)."""
+
+
 class DroppedItem(BaseModel):
     """A source item research left out, and why."""
 
@@ -16,6 +27,8 @@ class DroppedItem(BaseModel):
     title: str
     url: str | None
     reason: str
+    covered_by: PastStory | None = None
+    """For a semantic drop: the past story it repeats, with the similarity that decided it."""
 
 
 class ResearchDigest(BaseModel):
@@ -27,6 +40,10 @@ class ResearchDigest(BaseModel):
     quarantined: list[QuarantinedInput] = Field(default_factory=list)
     feeds_read: int = 0
     notes_read: int = 0
+    run_id: str | None = None
+    """The research run that found these items (their provenance in semantic memory)."""
+    memory_note: str = ""
+    """Why semantic dedupe did not run, when it did not (no past issues, memory unavailable)."""
 
     def by_id(self) -> dict[str, SourceItem]:
         """Items keyed by id."""
@@ -83,6 +100,36 @@ class Draft(BaseModel):
     closing: str = Field(description="One or two sentences closing the issue.")
 
 
+class EngagedStory(BaseModel):
+    """How readers (and the operator) responded to one past story."""
+
+    key: str
+    """What the feedback names: a normalized URL, or `title:<headline>` when it has no URL."""
+    issue: str | None = None
+    url: str | None = None
+    headline: str | None = None
+    opens: int = 0
+    clicks: int = 0
+    replies: int = 0
+    measured_rows: int = 0
+    """Export rows with opens, clicks or replies for this story (0: rated only)."""
+    rating: float | None = None
+    """The operator's rating, 1 to 5 (the mean when rated more than once)."""
+    engagement: float = 0.0
+    """-1 (readers ignored it) .. +1 (readers loved it); see `feedback.engagement_scores`."""
+
+
+class FeedbackBoost(BaseModel):
+    """The audience-feedback adjustment of one candidate's rank, and the stories behind it."""
+
+    item_id: str
+    title: str
+    boost: float
+    similar_stories: list[PastStory] = Field(default_factory=list)
+    engagements: list[float] = Field(default_factory=list)
+    """Engagement of each story in `similar_stories`, in the same order."""
+
+
 class PlannerInput(BaseModel):
     """What the planner sees."""
 
@@ -94,6 +141,22 @@ class PlannerInput(BaseModel):
     items: list[SourceItem]
     recent_topics: list[str]
     recent_urls: list[str]
+    feedback_boosts: dict[str, float] = Field(default_factory=dict)
+    """item_id -> relevance points from audience feedback (the rules planner adds them)."""
+    reader_engagement: list[EngagedStory] = Field(default_factory=list)
+    """Past stories with feedback, most engaging first (shown to the model planner)."""
+
+
+class CitedFact(BaseModel):
+    """A business fact from the facts tier that the issue may state, with its provenance."""
+
+    key: str
+    category: str
+    value: str
+    """The value as text (strings as written, other JSON values compact)."""
+    as_of: str
+    """The date the value took effect (its last change), YYYY-MM-DD."""
+    similarity: float
 
 
 class DrafterInput(BaseModel):
@@ -105,10 +168,15 @@ class DrafterInput(BaseModel):
     interests: list[str]
     outline: Outline
     items: list[SourceItem]
+    facts: list[CitedFact] = Field(default_factory=list)
+    """Facts memory trusted for this issue (the retrieval policy passed them)."""
 
 
 class OutlineStep(StepResult[Outline]):
     """The outline asset: the plan, labelled with the tier that made it."""
+
+    feedback: list[FeedbackBoost] = Field(default_factory=list)
+    """How audience feedback moved each candidate (empty without feedback or past issues)."""
 
 
 class DraftStep(StepResult[Draft]):
@@ -117,6 +185,15 @@ class DraftStep(StepResult[Draft]):
     markdown: str = ""
     word_count: int = 0
     cost_so_far_usd: float = 0.0
+    cited_facts: list[CitedFact] = Field(default_factory=list)
+    """Facts from the facts tier stated in the issue (only ones the retrieval policy trusted)."""
+    questions: list[str] = Field(default_factory=list)
+    """What the drafter asks the operator instead of guessing (memory had no reliable answer)."""
+
+    @property
+    def needs_operator_attention(self) -> bool:
+        """True when the drafter asked something the operator should answer before approving."""
+        return bool(self.questions)
 
 
 class ApprovalTicket(BaseModel):

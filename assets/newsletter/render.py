@@ -9,14 +9,16 @@ images, no scripts), because the draft carries untrusted content.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import nh3
 from markdown_it import MarkdownIt
 
-from assets.newsletter.models import Draft
+from assets.newsletter.models import CitedFact, Draft
 
 SOURCES = "Sources"
+FROM_US = "From us"
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
 _md = MarkdownIt("commonmark", {"html": False})
 ALLOWED_TAGS = {
@@ -50,8 +52,13 @@ def _link_target(url: str) -> str:
     return "<" + url.replace("<", "%3C").replace(">", "%3E").replace(" ", "%20") + ">"
 
 
-def issue_markdown(draft: Draft, *, issue_date: str) -> str:
-    """The issue as Markdown: title, date, intro, sections of stories, closing, sources."""
+def issue_markdown(draft: Draft, *, issue_date: str, facts: Sequence[CitedFact] = ()) -> str:
+    """The issue as Markdown: title, date, intro, sections of stories, our facts, closing,
+    sources.
+
+    Facts come from the facts tier (only those the retrieval policy trusted), rendered here, not
+    by the model, so the value and its as-of date are exactly what the operator recorded.
+    """
     lines = [
         f"# {escape_markdown(draft.title)}",
         "",
@@ -72,6 +79,14 @@ def issue_markdown(draft: Draft, *, issue_date: str) -> str:
             ]
             if story.source_url not in {u for _, u in sources}:
                 sources.append((story.headline, story.source_url))
+    if facts:
+        lines += [f"## {FROM_US}", ""]
+        lines += [
+            f"- **{escape_markdown(f.key)}**: {escape_markdown(f.value)} "
+            f"(as of {escape_markdown(f.as_of)})"
+            for f in facts
+        ]
+        lines.append("")
     lines += [escape_markdown(draft.closing), "", f"## {SOURCES}", ""]
     for headline, url in sources:
         host = urlsplit(url).netloc or url

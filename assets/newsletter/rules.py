@@ -1,8 +1,10 @@
 """The newsletter's rules tier: a planner and a drafter that need no model.
 
-The planner ranks items by relevance to the audience's interests (recent items first on ties)
-and skips topics covered in recent issues; the drafter writes each story as an extractive summary
-of its source. Same shapes as the model's outputs, so everything downstream is identical.
+The planner ranks items by relevance to the audience's interests plus the audience-feedback
+boost (`memory.feedback_boosts`: topics like stories readers engaged with move up, topics like
+ignored ones move down), recent items first on ties, and skips topics covered in recent issues;
+the drafter writes each story as an extractive summary of its source. Same shapes as the model's
+outputs, so everything downstream is identical.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def _is_repeat(item: SourceItem, recent_topics: list[str], recent_urls: set[str]
     return any(topics_overlap(item.title, topic) for topic in recent_topics)
 
 
+def score(item: SourceItem, inputs: PlannerInput) -> float:
+    """An item's rank score: keyword relevance (title counted twice) plus its feedback boost."""
+    keywords = relevance(f"{item.title} {item.title} {item.summary}", inputs.interests)
+    return keywords + inputs.feedback_boosts.get(item.item_id, 0.0)
+
+
 def plan_issue(inputs: PlannerInput) -> Outline:
     """Rank, filter and group the items into an outline."""
     recent_urls = {normalize_url(u) for u in inputs.recent_urls}
@@ -43,7 +51,7 @@ def plan_issue(inputs: PlannerInput) -> Outline:
     ranked = sorted(
         candidates,
         key=lambda item: (
-            -relevance(f"{item.title} {item.title} {item.summary}", inputs.interests),
+            -score(item, inputs),
             -(item.published or _EPOCH).timestamp(),
             item.item_id,
         ),
