@@ -3,13 +3,17 @@
 from resources.artifacts import ArtifactIOManager
 from resources.kernel import AiosKernel
 from resources.mailer import MailerResource
+from resources.memory import FactMemory, SemanticMemory, WorkingMemory
 from resources.site import SitePublisherResource
 from resources.wiring import build_resources
 
 __all__ = [
     "AiosKernel",
     "ArtifactIOManager",
+    "FactMemory",
     "MailerResource",
+    "SemanticMemory",
     "SitePublisherResource",
+    "WorkingMemory",
     "build_resources",
 ]

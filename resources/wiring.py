@@ -15,6 +15,7 @@ from resources.artifacts import ArtifactIOManager
 from resources.dbt import dbt_resource
 from resources.kernel import AiosKernel
 from resources.mailer import MailerResource
+from resources.memory import FactMemory, SemanticMemory, WorkingMemory
 from resources.site import SitePublisherResource
 
 
@@ -39,4 +40,7 @@ def build_resources(config_path: Path | None = None) -> dict[str, Any]:
         "mailer": MailerResource(aios=kernel, password=smtp_password),
         "io_manager": ArtifactIOManager(root=str(config.state_path / "artifacts")),
         "dbt": dbt_resource(),
+        "working_memory": WorkingMemory(aios=kernel),
+        "semantic_memory": SemanticMemory(aios=kernel),
+        "fact_memory": FactMemory(aios=kernel),
     }

@@ -36,6 +36,7 @@ from assets.newsletter.memory import (
 )
 from assets.newsletter.models import ResearchDigest
 from resources.kernel import AiosKernel
+from resources.memory import SemanticMemory
 
 if TYPE_CHECKING:
     # Imported lazily (by the kernel) in runs: LanceDB costs seconds at code-location load.
@@ -71,12 +72,15 @@ def _ingest_metadata(result: "IngestResult | None") -> dict[str, Any]:
     "or changed chunks are embedded.",
 )
 def newsletter_sources_memory(
-    context: dg.AssetExecutionContext, aios: AiosKernel, sources: ResearchDigest
+    context: dg.AssetExecutionContext,
+    aios: AiosKernel,
+    semantic_memory: SemanticMemory,
+    sources: ResearchDigest,
 ) -> dg.MaterializeResult[None]:
     """Remember this week's source items and notes."""
     kernel = aios.kernel()
     try:
-        result = kernel.semantic_index().ingest(
+        result = semantic_memory.index().ingest(
             source_documents(sources), context=_step(context, MEMORY_SOURCES)
         )
     finally:
@@ -96,7 +100,7 @@ def newsletter_sources_memory(
     "their reasons.",
 )
 def newsletter_feedback_memory(
-    context: dg.AssetExecutionContext, aios: AiosKernel
+    context: dg.AssetExecutionContext, aios: AiosKernel, semantic_memory: SemanticMemory
 ) -> dg.MaterializeResult[None]:
     """Remember what readers did with past stories, as known when this issue is prepared."""
     kernel = aios.kernel()
@@ -108,7 +112,7 @@ def newsletter_feedback_memory(
                 step, source=f"feedback:{problem.source}", reason=problem.reason, raw=problem.raw
             )
         documents = feedback_documents(feedback, issue_time(context.partition_key))
-        result = kernel.semantic_index().ingest(documents, context=step) if documents else None
+        result = semantic_memory.index().ingest(documents, context=step) if documents else None
     finally:
         kernel.audit.flush()
     return dg.MaterializeResult(
@@ -149,7 +153,7 @@ def newsletter_feedback_memory(
     "the planner can relate feedback to topics.",
 )
 def newsletter_published_memory(
-    context: dg.AssetExecutionContext, aios: AiosKernel
+    context: dg.AssetExecutionContext, aios: AiosKernel, semantic_memory: SemanticMemory
 ) -> dg.MaterializeResult[None]:
     """Remember the stories of this week's published issue (nothing when it is unpublished)."""
     kernel = aios.kernel()
@@ -179,7 +183,7 @@ def newsletter_published_memory(
         partition, stories, provenance=record.run_id or f"approval:{record.approval_id}"
     )
     try:
-        result = kernel.semantic_index().ingest(documents, context=_step(context, MEMORY_PUBLISHED))
+        result = semantic_memory.index().ingest(documents, context=_step(context, MEMORY_PUBLISHED))
     finally:
         kernel.audit.flush()
     return dg.MaterializeResult(
