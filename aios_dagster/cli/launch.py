@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ CODE_LOCATION_ENV_VAR = "AIOS_CODE_LOCATION"
 DEFAULT_CODE_LOCATION = "definitions"
 QUIET_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 """The CLI prints its own summary (questions included); Dagster's console shows only errors."""
+
+# Dagster's own beta/preview notices (raised inside its definitions, not by our calls) mean
+# nothing to the operator at a terminal; they remain visible to developers under pytest.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 DEFAULT_DAGSTER_YAML = """\
 # Written by aios for a local Dagster instance. See examples/dagster.postgres.yaml for Postgres.
