@@ -393,6 +393,81 @@ class MemorySettings(_Section):
         return self
 
 
+class BudgetSettings(_Section):
+    """Dollar ceilings for model spend; a call is refused before it could pass any of them."""
+
+    run_usd: float | None = Field(default=1.00, ge=0, description="Per Dagster run.")
+    workflow_day_usd: float | None = Field(
+        default=5.00, ge=0, description="Per workflow per UTC day (override per workflow below)."
+    )
+    workflow_day_overrides: dict[str, float] = Field(
+        default_factory=dict, description="Workflow name -> its own daily ceiling in USD."
+    )
+    month_usd: float | None = Field(default=50.00, ge=0, description="All workflows, per month.")
+
+    @field_validator("workflow_day_overrides")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        for workflow, limit in value.items():
+            if limit < 0:
+                raise ValueError(f"{workflow}: a budget cannot be negative")
+        return value
+
+    def day_limit(self, workflow: str) -> float | None:
+        """The daily ceiling that applies to a workflow."""
+        return self.workflow_day_overrides.get(workflow, self.workflow_day_usd)
+
+
+OverBudget = Literal["lower_tier", "rules", "pause"]
+
+
+class RetrySettings(_Section):
+    """Transient failures (429, 5xx, timeouts, resets) are retried with backoff; others not."""
+
+    max_attempts: int = Field(default=4, ge=1, le=20)
+    max_seconds: float = Field(default=90.0, gt=0, le=3600)
+    initial_wait_seconds: float = Field(default=0.5, ge=0, le=60)
+    max_wait_seconds: float = Field(default=20.0, ge=0, le=600)
+
+
+class BreakerSettings(_Section):
+    """Circuit breakers per endpoint and per connector, shared by every process."""
+
+    failure_threshold: int = Field(default=5, ge=1, le=1000)
+    cooldown_seconds: float = Field(default=60.0, ge=0, le=86_400)
+
+
+class RolePolicy(_Section):
+    """How one agent role spends: when its draft is good enough, and whether it is high-value."""
+
+    confidence_threshold: float = Field(default=0.7, ge=0, le=1)
+    verify: bool = Field(default=True, description="Whether the verify tier may run at all.")
+    high_value: bool = Field(default=False, description="Always verify (publish, refund...).")
+
+
+class PolicySettings(_Section):
+    """The policy engine: budgets, what to do when one would be passed, retries, breakers."""
+
+    budgets: BudgetSettings = BudgetSettings()
+    on_budget_exceeded: dict[str, OverBudget] = Field(
+        default_factory=dict, description="Workflow -> lower_tier, rules or pause."
+    )
+    default_on_budget_exceeded: OverBudget = "rules"
+    retries: RetrySettings = RetrySettings()
+    breakers: BreakerSettings = BreakerSettings()
+    roles: dict[str, RolePolicy] = Field(
+        default_factory=dict, description="Role name -> its confidence threshold and value."
+    )
+
+    def over_budget_action(self, workflow: str) -> OverBudget:
+        """What a workflow does when a call would pass a budget."""
+        return self.on_budget_exceeded.get(workflow, self.default_on_budget_exceeded)
+
+    def role(self, name: str) -> RolePolicy:
+        """A role's policy (defaults when the operator set none)."""
+        return self.roles.get(name, RolePolicy())
+
+
 class AiosConfig(_Section):
     """The whole operator configuration."""
 
@@ -404,6 +479,7 @@ class AiosConfig(_Section):
     llm: LLMSettings = LLMSettings()
     newsletter: NewsletterSettings = NewsletterSettings()
     memory: MemorySettings = MemorySettings()
+    policy: PolicySettings = PolicySettings()
     smtp: SmtpSettings | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path)

@@ -147,6 +147,83 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        3,
+        "budget reservations",
+        (
+            # One row per reservation; a reservation counts against every budget scope it names
+            # (run, workflow-day, month), in micro-dollars so sums are exact integers.
+            """
+            CREATE TABLE budget_reservations (
+                reservation_id TEXT PRIMARY KEY,
+                workflow TEXT NOT NULL,
+                run_id TEXT,
+                run_scope TEXT NOT NULL,
+                day_scope TEXT NOT NULL,
+                month_scope TEXT NOT NULL,
+                purpose TEXT NOT NULL,
+                model TEXT NOT NULL,
+                reserved_micros INTEGER NOT NULL CHECK (reserved_micros >= 0),
+                settled_micros INTEGER CHECK (settled_micros >= 0),
+                state TEXT NOT NULL
+                    CHECK (state IN ('reserved', 'settled', 'released', 'abandoned')),
+                owner TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX budget_by_run ON budget_reservations (run_scope, state)",
+            "CREATE INDEX budget_by_day ON budget_reservations (day_scope, state)",
+            "CREATE INDEX budget_by_month ON budget_reservations (month_scope, state)",
+            "CREATE INDEX budget_by_state ON budget_reservations (state, updated_at)",
+        ),
+    ),
+    Migration(
+        4,
+        "circuit breakers",
+        (
+            """
+            CREATE TABLE circuit_breakers (
+                breaker TEXT PRIMARY KEY,
+                state TEXT NOT NULL CHECK (state IN ('closed', 'open', 'half_open')),
+                consecutive_failures INTEGER NOT NULL DEFAULT 0,
+                opened_at TEXT,
+                probe_owner TEXT,
+                probe_started_at TEXT,
+                last_error TEXT,
+                updated_at TEXT NOT NULL
+            )
+            """,
+        ),
+    ),
+    Migration(
+        5,
+        "retraining queue",
+        (
+            """
+            CREATE TABLE retraining_queue (
+                example_id TEXT PRIMARY KEY,
+                workflow TEXT NOT NULL,
+                partition_key TEXT,
+                step TEXT NOT NULL,
+                role TEXT NOT NULL,
+                reason TEXT NOT NULL
+                    CHECK (reason IN ('schema_failure', 'check_failure', 'operator_rejection',
+                                      'operator_edit', 'step_failure')),
+                detail TEXT NOT NULL,
+                system_prompt TEXT NOT NULL,
+                user_prompt TEXT NOT NULL,
+                bad_output TEXT,
+                corrected_output TEXT,
+                model TEXT,
+                run_id TEXT,
+                created_at TEXT NOT NULL,
+                corrected_at TEXT
+            )
+            """,
+            "CREATE INDEX retraining_by_workflow ON retraining_queue (workflow, created_at)",
+        ),
+    ),
 )
 
 
