@@ -32,6 +32,11 @@ DEFAULT_DAGSTER_YAML = """\
 # Written by aios for a local Dagster instance. See examples/dagster.postgres.yaml for Postgres.
 telemetry:
   enabled: false
+# Steps in a concurrency pool (every model-calling step is in pool `llm`) run at most this many
+# at a time across all runs of this instance.
+concurrency:
+  pools:
+    default_limit: 4
 """
 
 

@@ -55,6 +55,10 @@ WORKFLOW = "newsletter"
 GROUP = "newsletter"
 OWNERS = ["team:editorial"]
 PUBLISH_JOB = "publish_newsletter_issue"
+LLM_POOL = "llm"
+"""Dagster concurrency pool of every step that calls a model: its limit (instance config,
+`concurrency: pools: default_limit` or `dagster instance concurrency set llm N`) caps model calls
+across all concurrent runs."""
 ISSUE_JOB = "newsletter_issue"
 
 # A check on a partitioned asset must be partitioned too, or it loads every partition; Dagster
@@ -153,6 +157,7 @@ def sources(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Output[Re
 
 @dg.asset(
     key=OUTLINE,
+    pool=LLM_POOL,
     ins={"sources": dg.AssetIn(SOURCES)},
     group_name=GROUP,
     partitions_def=ISSUE_WEEKS,
@@ -316,6 +321,7 @@ def _remember(
 
 @dg.asset(
     key=DRAFT,
+    pool=LLM_POOL,
     ins={"sources": dg.AssetIn(SOURCES), "outline": dg.AssetIn(OUTLINE)},
     group_name=GROUP,
     partitions_def=ISSUE_WEEKS,
