@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,17 +94,28 @@ def approval_id_for(workflow: str, partition_key: str, action: str, payload_hash
 
 _COLUMNS = ", ".join(Approval.model_fields)
 
+RejectionHook = Callable[[Approval, StagedPayload], object]
+"""Told of each rejection (the decided approval and its payload), e.g. the retraining queue."""
+
 
 class ApprovalDesk:
     """Where approval requests are staged, decided and checked before an action runs."""
 
     def __init__(
-        self, ledger: Ledger, staging_dir: Path, audit: AuditLog, *, drafts_dir: Path
+        self,
+        ledger: Ledger,
+        staging_dir: Path,
+        audit: AuditLog,
+        *,
+        drafts_dir: Path,
+        on_reject: RejectionHook | None = None,
     ) -> None:
         self.ledger = ledger
         self.staging_dir = staging_dir
         self.drafts_dir = drafts_dir
         self.audit = audit
+        # A rejected payload is a training signal: the kernel hands it to the retraining queue.
+        self.on_reject = on_reject
 
     def readable_copies(self, workflow: str, partition_key: str) -> tuple[Path, Path]:
         """Where the operator reads the latest staged draft of a work item (Markdown, HTML)."""
@@ -340,10 +352,31 @@ class ApprovalDesk:
             reason=reason or f"operator {decision} the payload",
             detail={"payload_hash": approval.payload_hash},
         )
-        self.audit.flush()
         decided = self.get(approval.approval_id)
         assert decided is not None
+        if not approve and self.on_reject is not None:
+            self._hand_over_rejection(self.on_reject, decided)
+        self.audit.flush()
         return decided
+
+    def _hand_over_rejection(self, hook: RejectionHook, decided: Approval) -> None:
+        """Give the rejected payload to the hook; the decision stands whatever the hook does.
+
+        The rejection is committed before this runs, so a hook failure (an altered staged
+        file, a full disk) must not reach the operator as a failed rejection: it is audited.
+        """
+        try:
+            hook(decided, self.load_payload(decided))
+        except Exception as exc:
+            self._audit(
+                decided.workflow,
+                decided.partition_key,
+                approval_id=decided.approval_id,
+                decision="rejection not handed over",
+                actor="system",
+                reason=f"the rejection hook failed: {type(exc).__name__}: {exc}",
+                run_id=decided.requested_by_run,
+            )
 
     def load_payload(self, approval: Approval) -> StagedPayload:
         """The staged payload, verified against the hash the approval is bound to."""

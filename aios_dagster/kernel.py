@@ -22,6 +22,7 @@ from aios_dagster.ledger import Ledger
 from aios_dagster.memory.cold_store import ColdStore
 from aios_dagster.memory.facts import FactStore
 from aios_dagster.memory.working_set import WorkingSet
+from aios_dagster.policy.training import TrainingQueue
 from aios_dagster.published import PublishedWork
 from aios_dagster.quarantine import Quarantine
 from aios_dagster.warehouse import Warehouse
@@ -105,6 +106,7 @@ class Kernel:
     agents: AgentRuntime
     facts: FactStore
     cold_store: ColdStore
+    training: TrainingQueue
     _working_sets: dict[str, WorkingSet] = field(default_factory=dict)
     _llm_api_key: str | None = field(default=None, repr=False)
     _semantic_index: SemanticIndex | None = field(default=None, repr=False)
@@ -165,8 +167,16 @@ class Kernel:
             warehouse, paths.audit_spool, redactor=Redactor([llm_api_key, smtp_password])
         )
         gateway = LLMGateway(config.llm, api_key=llm_api_key, audit=audit)
-        approvals = ApprovalDesk(ledger, paths.staged, audit, drafts_dir=paths.drafts)
         cold_store = ColdStore(paths.cold_store)
+        # An operator's rejection lands in the retraining queue with the rejected payload.
+        training = TrainingQueue(ledger, audit, cold_store)
+        approvals = ApprovalDesk(
+            ledger,
+            paths.staged,
+            audit,
+            drafts_dir=paths.drafts,
+            on_reject=training.record_rejection,
+        )
         return cls(
             config=config,
             paths=paths,
@@ -181,6 +191,7 @@ class Kernel:
             agents=AgentRuntime(config.llm, gateway, audit),
             facts=FactStore(warehouse, approvals, audit, cold_store=cold_store),
             cold_store=cold_store,
+            training=training,
             _llm_api_key=llm_api_key,
         )
 

@@ -15,6 +15,7 @@ from aios_dagster.cli import approvals as approvals_cli
 from aios_dagster.cli import audit as audit_cli
 from aios_dagster.cli import effects as effects_cli
 from aios_dagster.cli import facts as facts_cli
+from aios_dagster.cli import training as training_cli
 from aios_dagster.cli.launch import code_location, failure_messages, latest_partition, run_job
 from aios_dagster.cli.session import aios_command, console, fail, load, use_config_file
 
@@ -28,6 +29,7 @@ app.add_typer(approvals_cli.app, name="approvals")
 app.add_typer(audit_cli.app, name="audit")
 app.add_typer(effects_cli.app, name="effects")
 app.add_typer(facts_cli.app, name="facts")
+app.add_typer(training_cli.app, name="training")
 app.add_typer(config_app, name="config")
 
 ConfigOption = Annotated[
