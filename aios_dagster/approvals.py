@@ -55,6 +55,23 @@ class StagedPayload(BaseModel):
         return content_hash(self)
 
 
+class ApprovalCost(BaseModel):
+    """What the work behind an approval has cost so far and is expected to cost to finish.
+
+    Kept beside the approval, not in the payload: the operator decides with it in view, but a
+    re-run that spends again on the same content must not make the same content a new approval.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    so_far_usd: float = Field(ge=0)
+    """Model spend that produced the payload (every call: drafts, repairs, verification)."""
+    to_finish_usd: float = Field(ge=0)
+    """Estimated model spend of the work that runs once approved."""
+    basis: str = Field(min_length=1)
+    """How the estimate to finish was made, in the operator's words."""
+
+
 class Approval(BaseModel):
     """One approval request and, once made, its decision."""
 
@@ -77,6 +94,9 @@ class Approval(BaseModel):
     decision_seq: int | None = None
     executed_at: str | None = None
     executed_by_run: str | None = None
+    cost_so_far_usd: float | None = None
+    cost_to_finish_usd: float | None = None
+    cost_basis: str | None = None
 
 
 class ApprovalError(RuntimeError):
@@ -93,6 +113,11 @@ def approval_id_for(workflow: str, partition_key: str, action: str, payload_hash
 
 
 _COLUMNS = ", ".join(Approval.model_fields)
+
+
+def _cost_params(cost: ApprovalCost) -> dict[str, Any]:
+    return {"so_far": cost.so_far_usd, "to_finish": cost.to_finish_usd, "basis": cost.basis}
+
 
 RejectionHook = Callable[[Approval, StagedPayload], object]
 """Told of each rejection (the decided approval and its payload), e.g. the retraining queue."""
@@ -123,12 +148,19 @@ class ApprovalDesk:
         return folder / f"{partition_key}.md", folder / f"{partition_key}.html"
 
     def request(
-        self, payload: StagedPayload, *, execute_job: str, run_id: str | None = None
+        self,
+        payload: StagedPayload,
+        *,
+        execute_job: str,
+        cost: ApprovalCost,
+        run_id: str | None = None,
     ) -> Approval:
         """Stage a payload and open (or find) its approval; older open requests are superseded.
 
         `execute_job` names the Dagster job that performs the action once approved, so the
-        approvals sensor and the CLI launch exactly the same thing.
+        approvals sensor and the CLI launch exactly the same thing. `cost` is what the operator
+        sees beside the payload: spent so far and the estimate to finish (the latest request
+        for the same content updates it).
         """
         digest = payload.digest()
         path = self.staging_dir / payload.workflow / f"{digest}.json"
@@ -170,8 +202,9 @@ class ApprovalDesk:
                     sa.text(
                         "INSERT INTO approvals (approval_id, workflow, partition_key, action,"
                         " payload_hash, payload_path, execute_job, title, summary, status,"
-                        " requested_at, requested_by_run) VALUES (:id, :w, :p, :a, :h, :path,"
-                        " :job, :t, :s, 'pending', :at, :run)"
+                        " requested_at, requested_by_run, cost_so_far_usd, cost_to_finish_usd,"
+                        " cost_basis) VALUES (:id, :w, :p, :a, :h, :path, :job, :t, :s,"
+                        " 'pending', :at, :run, :so_far, :to_finish, :basis)"
                     ),
                     {
                         "id": approval_id,
@@ -185,9 +218,19 @@ class ApprovalDesk:
                         "s": payload.summary,
                         "at": utc_now(),
                         "run": run_id,
+                        **_cost_params(cost),
                     },
                 )
-            elif existing == "superseded":
+            else:
+                tx.execute(
+                    sa.text(
+                        "UPDATE approvals SET cost_so_far_usd = :so_far,"
+                        " cost_to_finish_usd = :to_finish, cost_basis = :basis"
+                        " WHERE approval_id = :id"
+                    ),
+                    {"id": approval_id, **_cost_params(cost)},
+                )
+            if existing == "superseded":
                 # The same content is current again (e.g. a revert): it needs a fresh decision.
                 tx.execute(
                     sa.text(
@@ -215,7 +258,13 @@ class ApprovalDesk:
             actor="system",
             reason=f"'{payload.action}' is irreversible and needs the operator's approval",
             run_id=run_id,
-            detail={"payload_hash": digest, "payload_path": str(path)},
+            detail={
+                "payload_hash": digest,
+                "payload_path": str(path),
+                "cost_so_far_usd": cost.so_far_usd,
+                "cost_to_finish_usd": cost.to_finish_usd,
+                "cost_basis": cost.basis,
+            },
         )
         approval = self.get(approval_id)
         assert approval is not None

@@ -103,7 +103,6 @@ class Endpoint(_Section):
         description="Name of the environment variable holding the API key.",
     )
     timeout_seconds: float = Field(default=60.0, gt=0, le=1800)
-    max_retries: int = Field(default=2, ge=0, le=10)
 
     @field_validator("base_url")
     @classmethod
@@ -517,13 +516,24 @@ class AiosConfig(_Section):
         return out
 
 
+REMOVED_KEYS: dict[str, str] = {
+    "llm.endpoint.max_retries": (
+        "no longer supported: the SDK never retries, so retries cannot stack; set "
+        "policy.retries.max_attempts instead (attempts in all, the first one included)"
+    ),
+}
+"""Keys older configs may still set, with what replaces them (instead of 'unknown key')."""
+
+
 def _format_errors(source: str, error: ValidationError) -> str:
     lines = [f"invalid operator config {source}:"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see aios.yaml in the repository)"
+            message = REMOVED_KEYS.get(
+                key, "unknown key (check the spelling; see aios.yaml in the repository)"
+            )
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
 

@@ -22,6 +22,9 @@ from aios_dagster.ledger import Ledger
 from aios_dagster.memory.cold_store import ColdStore
 from aios_dagster.memory.facts import FactStore
 from aios_dagster.memory.working_set import WorkingSet
+from aios_dagster.policy.breakers import CircuitBreakers
+from aios_dagster.policy.budgets import Budgets
+from aios_dagster.policy.engine import ModelCaller
 from aios_dagster.policy.training import TrainingQueue
 from aios_dagster.published import PublishedWork
 from aios_dagster.quarantine import Quarantine
@@ -107,6 +110,8 @@ class Kernel:
     facts: FactStore
     cold_store: ColdStore
     training: TrainingQueue
+    budgets: Budgets
+    breakers: CircuitBreakers
     _working_sets: dict[str, WorkingSet] = field(default_factory=dict)
     _llm_api_key: str | None = field(default=None, repr=False)
     _semantic_index: SemanticIndex | None = field(default=None, repr=False)
@@ -166,7 +171,11 @@ class Kernel:
         audit = AuditLog(
             warehouse, paths.audit_spool, redactor=Redactor([llm_api_key, smtp_password])
         )
-        gateway = LLMGateway(config.llm, api_key=llm_api_key, audit=audit)
+        gateway = LLMGateway(
+            config.llm, api_key=llm_api_key, audit=audit, retries=config.policy.retries
+        )
+        budgets = Budgets(ledger, config.policy.budgets, audit=audit)
+        breakers = CircuitBreakers(ledger, config.policy.breakers, audit=audit)
         cold_store = ColdStore(paths.cold_store)
         # An operator's rejection lands in the retraining queue with the rejected payload.
         training = TrainingQueue(ledger, audit, cold_store)
@@ -184,14 +193,23 @@ class Kernel:
             warehouse=warehouse,
             audit=audit,
             approvals=approvals,
-            intents=IntentLog(ledger, audit),
+            intents=IntentLog(ledger, audit, breakers=breakers, retries=config.policy.retries),
             quarantine=Quarantine(paths.quarantine, audit),
             published=PublishedWork(ledger),
             gateway=gateway,
-            agents=AgentRuntime(config.llm, gateway, audit),
+            agents=AgentRuntime(
+                config.llm,
+                gateway,
+                audit,
+                caller=ModelCaller(config.llm, gateway, budgets, breakers),
+                policy=config.policy,
+                training=training,
+            ),
             facts=FactStore(warehouse, approvals, audit, cold_store=cold_store),
             cold_store=cold_store,
             training=training,
+            budgets=budgets,
+            breakers=breakers,
             _llm_api_key=llm_api_key,
         )
 

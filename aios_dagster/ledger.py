@@ -224,6 +224,67 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX retraining_by_workflow ON retraining_queue (workflow, created_at)",
         ),
     ),
+    Migration(
+        6,
+        "budget totals",
+        (
+            # Running totals per budget scope ('run:<run>', 'day:<date>:<workflow>',
+            # 'month:<YYYY-MM>'), changed in the same transaction as every budget_reservations
+            # row they sum: a reservation reads three rows instead of summing the month's
+            # reservations under the ledger's one write lock (linear in the month's calls).
+            # BIGINT: a month of micro-dollars may pass Postgres' 32-bit INTEGER.
+            """
+            CREATE TABLE budget_totals (
+                scope TEXT PRIMARY KEY,
+                kind TEXT NOT NULL CHECK (kind IN ('run', 'day', 'month')),
+                workflow TEXT,
+                settled_micros BIGINT NOT NULL DEFAULT 0 CHECK (settled_micros >= 0),
+                reserved_micros BIGINT NOT NULL DEFAULT 0 CHECK (reserved_micros >= 0),
+                abandoned_micros BIGINT NOT NULL DEFAULT 0 CHECK (abandoned_micros >= 0),
+                updated_at TEXT NOT NULL
+            )
+            """,
+            *(
+                f"""
+                INSERT INTO budget_totals (scope, kind, workflow, settled_micros,
+                    reserved_micros, abandoned_micros, updated_at)
+                SELECT '{kind}:' || {column}, '{kind}', {workflow},
+                    COALESCE(SUM(CASE WHEN state = 'settled' THEN settled_micros ELSE 0 END), 0),
+                    COALESCE(SUM(CASE WHEN state = 'reserved' THEN reserved_micros ELSE 0 END), 0),
+                    COALESCE(SUM(CASE WHEN state = 'abandoned' THEN reserved_micros ELSE 0 END), 0),
+                    MAX(updated_at)
+                FROM budget_reservations GROUP BY {column}
+                """
+                for kind, column, workflow in (
+                    ("run", "run_scope", "MIN(workflow)"),
+                    ("day", "day_scope", "MIN(workflow)"),
+                    ("month", "month_scope", "NULL"),
+                )
+            ),
+            # The per-scope indexes served those sums and nothing else: each cost every reserve
+            # and settle a page write (with them, reserve + settle took twice the SQLite time).
+            "DROP INDEX budget_by_run",
+            "DROP INDEX budget_by_day",
+            "DROP INDEX budget_by_month",
+            # `aios budget` lists today's day scopes and the most recently active runs.
+            "CREATE INDEX budget_totals_by_kind ON budget_totals (kind, updated_at)",
+            # Who released an abandoned reservation and why (the operator said it was not billed).
+            "ALTER TABLE budget_reservations ADD COLUMN released_by TEXT",
+            "ALTER TABLE budget_reservations ADD COLUMN release_note TEXT",
+        ),
+    ),
+    Migration(
+        7,
+        "approval costs",
+        (
+            # What the work behind an approval cost so far and should cost to finish: shown to
+            # the operator beside the payload, kept out of the payload hash (a re-run that spends
+            # again on the same content is still the same approval).
+            "ALTER TABLE approvals ADD COLUMN cost_so_far_usd DOUBLE PRECISION",
+            "ALTER TABLE approvals ADD COLUMN cost_to_finish_usd DOUBLE PRECISION",
+            "ALTER TABLE approvals ADD COLUMN cost_basis TEXT",
+        ),
+    ),
 )
 
 

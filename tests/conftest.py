@@ -19,6 +19,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from aios_dagster.approvals import ApprovalCost
 from aios_dagster.config import AiosConfig, load_config
 from aios_dagster.kernel import Kernel
 
@@ -110,6 +111,9 @@ def materialize(
         instance=instance,
     )
 
+
+NO_COST = ApprovalCost(so_far_usd=0.0, to_finish_usd=0.0, basis="test: no model call")
+"""The cost of an approval requested directly by a test (no model was called)."""
 
 UP_TO_APPROVAL = (
     "key:newsletter/sources or key:newsletter/outline or key:newsletter/draft"

@@ -26,7 +26,7 @@ import pytest
 
 from aios_dagster.approvals import StagedPayload
 from aios_dagster.kernel import Kernel
-from tests.conftest import ISSUE, REPO, write_config
+from tests.conftest import ISSUE, NO_COST, REPO, write_config
 
 pytestmark = pytest.mark.cli
 
@@ -368,7 +368,9 @@ def test_titles_and_reasons_are_printed_as_text_not_markup(
         markdown=f"# {title}\n\nBody.\n",
         html="<p>Body.</p>",
     )
-    approval = kernel.approvals.request(payload, execute_job="publish_newsletter_issue")
+    approval = kernel.approvals.request(
+        payload, execute_job="publish_newsletter_issue", cost=NO_COST
+    )
     runner = CliRunner()
     listed = runner.invoke(app, ["approvals", "list"])
     assert listed.exit_code == 0, listed.output

@@ -308,7 +308,7 @@ def _endpoint_config(tmp_path: Path, base_url: str, **embeddings: Any) -> AiosCo
     return parse_config(
         {
             "llm": {
-                "endpoint": {"base_url": base_url, "timeout_seconds": 5, "max_retries": 2},
+                "endpoint": {"base_url": base_url, "timeout_seconds": 5},
             },
             "memory": {
                 "embeddings": {"provider": "endpoint", "model": ENDPOINT_MODEL, **embeddings}

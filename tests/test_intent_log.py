@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from aios_dagster.audit import AuditLog, StepContext
+from aios_dagster.config import BreakerSettings, RetrySettings
 from aios_dagster.connectors.base import (
     Connector,
     EffectFailed,
@@ -34,6 +35,7 @@ from aios_dagster.connectors.intent_log import (
     lease_owner,
 )
 from aios_dagster.ledger import Ledger
+from aios_dagster.policy.breakers import BreakerOpen, CircuitBreakers
 from aios_dagster.warehouse import Warehouse
 
 LookupAnswer = Receipt | None | Exception
@@ -48,9 +50,15 @@ class FakeConnector(Connector):
     lookup_answer: LookupAnswer = None
     performed: list[str] = field(default_factory=list)
     lookups: list[str] = field(default_factory=list)
+    failures: list[Exception] = field(default_factory=list)
+    """Raised one per call, in order, before `fail_with` applies."""
+    calls: int = 0
 
     def perform(self, key: str) -> Receipt:
         """The effect: fails as configured, else happens (and is counted)."""
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
         if self.fail_with is not None:
             raise self.fail_with
         self.performed.append(key)
@@ -387,3 +395,190 @@ def test_an_unexpected_error_mid_call_releases_the_lease_for_reconciliation(
     outcome = intents.execute(connector, REQUEST, connector.perform, _context("run-2"))
     assert outcome.state == "succeeded" and connector.lookups == [REQUEST.key]
     assert connector.performed == [REQUEST.key]
+
+
+# -- breakers and retries ----------------------------------------------------------------------
+
+BREAKER = "connector:fake"
+FAST_RETRIES = RetrySettings(
+    max_attempts=3, max_seconds=10, initial_wait_seconds=0.001, max_wait_seconds=0.002
+)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _transient(message: str = "connection refused before sending") -> EffectFailed:
+    error = EffectFailed(message)
+    error.transient = True  # the connector knows nothing was sent
+    return error
+
+
+@pytest.fixture
+def clock() -> _Clock:
+    """The breakers' clock."""
+    return _Clock()
+
+
+@pytest.fixture
+def breakers(ledger: Ledger, audit: AuditLog, clock: _Clock) -> CircuitBreakers:
+    """Breakers that open after 2 consecutive failures and cool down for 60 s."""
+    settings = BreakerSettings(failure_threshold=2, cooldown_seconds=60)
+    return CircuitBreakers(ledger, settings, audit=audit, clock=clock)
+
+
+@pytest.fixture
+def guarded(ledger: Ledger, audit: AuditLog, breakers: CircuitBreakers) -> IntentLog:
+    """An intent log whose executions pass the connector's breaker and the retry policy."""
+    return IntentLog(ledger, audit, breakers=breakers, retries=FAST_RETRIES)
+
+
+def test_transient_failures_are_retried_each_attempt_claiming_the_key_again(
+    guarded: IntentLog, ledger: Ledger, audit: AuditLog, breakers: CircuitBreakers
+) -> None:
+    connector = FakeConnector(failures=[_transient(), _transient()])
+    outcome = guarded.execute(connector, REQUEST, connector.perform, _context())
+
+    assert outcome.state == "succeeded" and connector.performed == [REQUEST.key]
+    assert connector.calls == 3
+    row = _row(ledger, REQUEST.key)
+    assert row["state"] == "succeeded" and row["attempts"] == 3 and row["lease_owner"] is None
+    audit.flush()
+    retries = audit.warehouse.query(
+        "SELECT * FROM audit.events WHERE kind = 'decision' AND actor = 'retry:connector:fake'"
+    )
+    assert len(retries) == 2
+    # Failures absorbed by retries never reached the breaker; the success leaves it closed.
+    assert breakers.status() == []
+
+
+def test_retries_are_bounded_and_the_failure_counts_once_against_the_breaker(
+    guarded: IntentLog, ledger: Ledger, breakers: CircuitBreakers
+) -> None:
+    connector = FakeConnector(fail_with=_transient())
+    with pytest.raises(EffectFailed):
+        guarded.execute(connector, REQUEST, connector.perform, _context())
+    assert connector.calls == FAST_RETRIES.max_attempts
+    assert _row(ledger, REQUEST.key)["state"] == "failed"
+    assert breakers.get(BREAKER).consecutive_failures == 1
+
+
+def test_a_permanent_failure_is_not_retried_and_does_not_trip_the_breaker(
+    guarded: IntentLog, breakers: CircuitBreakers
+) -> None:
+    connector = FakeConnector(fail_with=EffectFailed("550 mailbox unavailable"))
+    for _ in range(3):
+        with pytest.raises(EffectFailed):
+            guarded.execute(connector, REQUEST, connector.perform, _context())
+    assert connector.calls == 3  # once per execution
+    assert breakers.get(BREAKER).state == "closed"
+    assert breakers.get(BREAKER).consecutive_failures == 0
+
+
+def test_an_unknown_outcome_is_never_retried_and_counts_against_the_breaker(
+    guarded: IntentLog, ledger: Ledger, breakers: CircuitBreakers
+) -> None:
+    unknown = OutcomeUnknown("timed out after sending")
+    unknown.transient = True  # type: ignore[attr-defined]  # even so
+    connector = FakeConnector(fail_with=unknown)
+    with pytest.raises(OutcomeUnknown):
+        guarded.execute(connector, REQUEST, connector.perform, _context())
+    assert connector.calls == 1
+    assert _row(ledger, REQUEST.key)["state"] == "in_flight"
+    assert breakers.get(BREAKER).consecutive_failures == 1
+    # The next execution reconciles through lookup, never resends.
+    connector.fail_with = None
+    connector.lookup_answer = Receipt(provider_id="it-did-happen")
+    outcome = guarded.execute(connector, REQUEST, connector.perform, _context("run-2"))
+    assert outcome.reconciled and connector.performed == []
+    assert breakers.get(BREAKER).consecutive_failures == 0
+
+
+def test_an_open_breaker_defers_the_effect_and_leaves_the_intent_planned(
+    guarded: IntentLog,
+    ledger: Ledger,
+    audit: AuditLog,
+    breakers: CircuitBreakers,
+    clock: _Clock,
+) -> None:
+    guarded.plan(REQUEST, "fake", run_id="run-plan")
+    breakers.record_failure(BREAKER, "connection refused")
+    breakers.record_failure(BREAKER, "connection refused")
+    connector = FakeConnector()
+
+    with pytest.raises(BreakerOpen, match="connector:fake is open") as refused:
+        guarded.execute(connector, REQUEST, connector.perform, _context())
+
+    assert refused.value.breaker == BREAKER
+    assert connector.calls == 0 and connector.lookups == []
+    row = _row(ledger, REQUEST.key)
+    assert row["state"] == "awaiting_approval" and row["attempts"] == 0  # nothing claimed
+    audit.flush()
+    [deferred] = audit.warehouse.query(
+        "SELECT * FROM audit.events WHERE kind = 'effect' AND decision LIKE 'deferred%'"
+    )
+    assert "connector:fake is open" in deferred["reason"]
+
+    # After the cool-down this execution is the probe; its success closes the breaker.
+    clock.now += timedelta(seconds=60)
+    outcome = guarded.execute(connector, REQUEST, connector.perform, _context("run-2"))
+    assert outcome.state == "succeeded" and connector.performed == [REQUEST.key]
+    assert breakers.get(BREAKER).state == "closed"
+
+
+def test_a_failed_probe_reopens_the_breaker_and_the_effect_can_run_later(
+    guarded: IntentLog, ledger: Ledger, breakers: CircuitBreakers, clock: _Clock
+) -> None:
+    breakers.record_failure(BREAKER, "connection refused")
+    breakers.record_failure(BREAKER, "connection refused")
+    clock.now += timedelta(seconds=60)
+    connector = FakeConnector(fail_with=_transient())
+    with pytest.raises(EffectFailed):
+        guarded.execute(connector, REQUEST, connector.perform, _context())
+    assert breakers.get(BREAKER).state == "open"
+    assert _row(ledger, REQUEST.key)["state"] == "failed"
+    connector.fail_with = None
+    with pytest.raises(BreakerOpen):
+        guarded.execute(connector, REQUEST, connector.perform, _context("run-2"))
+    clock.now += timedelta(seconds=60)
+    assert guarded.execute(connector, REQUEST, connector.perform, _context("run-3")).state == (
+        "succeeded"
+    )
+
+
+def test_a_replay_is_not_blocked_by_an_open_breaker(
+    guarded: IntentLog, breakers: CircuitBreakers
+) -> None:
+    connector = FakeConnector()
+    first = guarded.execute(connector, REQUEST, connector.perform, _context())
+    breakers.record_failure(BREAKER, "down since")
+    breakers.record_failure(BREAKER, "down since")
+    again = guarded.execute(connector, REQUEST, connector.perform, _context("run-2"))
+    assert again.replayed and again.provider_id == first.provider_id
+    assert connector.calls == 1
+
+
+def test_an_effect_in_progress_elsewhere_says_nothing_about_the_provider(
+    guarded: IntentLog,
+    ledger: Ledger,
+    breakers: CircuitBreakers,
+    clock: _Clock,
+    live_process: subprocess.Popen[bytes],
+) -> None:
+    guarded.plan(REQUEST, "fake", run_id="run-plan")
+    _force_in_flight(ledger, REQUEST.key, owner=f"{socket.gethostname()}:{live_process.pid}:x")
+    breakers.record_failure(BREAKER, "connection refused")
+    breakers.record_failure(BREAKER, "connection refused")
+    clock.now += timedelta(seconds=60)
+    connector = FakeConnector()
+    with pytest.raises(EffectInProgress):
+        guarded.execute(connector, REQUEST, connector.perform, _context())
+    # The probe tested nothing: it is handed back, the breaker stays open, the next caller probes.
+    status = breakers.get(BREAKER)
+    assert (status.state, status.probe_owner) == ("open", None)
+    assert breakers.admit(BREAKER) is True

@@ -136,13 +136,18 @@ def server() -> Iterator[FakeOpenAIServer]:
         assert not fake.responder_errors, fake.responder_errors
 
 
+RETRIES = {"retries": {"max_attempts": 2, "initial_wait_seconds": 0.01, "max_wait_seconds": 0.05}}
+"""Each model call tried twice, quickly (the retry policy, not the SDK, retries)."""
+BUDGETS = {"budgets": {"run_usd": 100.0, "workflow_day_usd": 100.0, "month_usd": 1000.0}}
+"""Room for the fake model's steep prices (they make costs visible in the metadata)."""
+
+
 def _llm(server: FakeOpenAIServer) -> dict[str, Any]:
     price = {"input_per_million": 500.0, "output_per_million": 1500.0}
     return {
         "endpoint": {
             "base_url": server.base_url,
             "api_key_env": API_KEY_ENV,
-            "max_retries": 1,
             "timeout_seconds": 10,
         },
         "tiers": {"draft": {"model": MODEL}, "verify": {"model": MODEL}},
@@ -154,7 +159,7 @@ def _llm(server: FakeOpenAIServer) -> dict[str, Any]:
 def llm_config(tmp_path: Path, server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An operator config whose draft tier is the fake server; the key only in the env var."""
     monkeypatch.setenv(API_KEY_ENV, API_KEY)
-    path = write_config(tmp_path, {"llm": _llm(server)})
+    path = write_config(tmp_path, {"llm": _llm(server), "policy": {**RETRIES, **BUDGETS}})
     monkeypatch.setenv("AIOS_CONFIG", str(path))
     return path
 
@@ -251,7 +256,7 @@ def test_when_the_endpoint_fails_the_issue_completes_on_rules(
     result = materialize(llm_config, UP_TO_APPROVAL)
     assert result.success
 
-    assert len(server.completions) == 4  # planner and drafter, each tried twice (max_retries 1)
+    assert len(server.completions) == 4  # planner and drafter, each tried twice (max_attempts 2)
     outline = result.output_for_node("newsletter__outline")
     draft = result.output_for_node("newsletter__draft")
     assert (outline.tier, outline.model, outline.fell_back) == ("rules", "rules/planner", True)
@@ -274,48 +279,89 @@ def test_when_the_endpoint_fails_the_issue_completes_on_rules(
     assert approval is not None and approval.status == "pending"
 
 
+VERIFY_MODEL = "fake-checker-1"
+
+
+def _llm_with_checker(server: FakeOpenAIServer) -> dict[str, Any]:
+    """The draft tier on MODEL, the verify tier on VERIFY_MODEL (a different fake model)."""
+    llm = _llm(server)
+    llm["tiers"]["verify"] = {"model": VERIFY_MODEL}
+    llm["prices"][VERIFY_MODEL] = {"input_per_million": 5000.0, "output_per_million": 15000.0}
+    return llm
+
+
+def _by_model(**responders: Any) -> Any:
+    """A responder answering each model with its own responder."""
+
+    def respond(request: dict[str, Any]) -> ResponderResult:
+        return responders[request["model"]](request)  # type: ignore[no-any-return]
+
+    return respond
+
+
+def _queued(kernel: Kernel, role: str) -> list[Any]:
+    return [e for e in kernel.training.list() if e.role == role]
+
+
 def test_a_fooled_model_cannot_get_an_injected_link_to_the_gate(
     server: FakeOpenAIServer, llm_config: Path, kernel: Kernel, tmp_path: Path
 ) -> None:
     (tmp_path / "sources" / "feeds" / "growth-hacks.xml").write_text(INJECTED_FEED)
     feeds = [*load_config(llm_config).newsletter.feeds, "sources/feeds/growth-hacks.xml"]
-    write_config(tmp_path, {"llm": _llm(server), "newsletter": {"feeds": feeds, "max_items": 10}})
+    write_config(
+        tmp_path,
+        {
+            "llm": _llm(server),
+            "policy": {**RETRIES, **BUDGETS},
+            "newsletter": {"feeds": feeds, "max_items": 10},
+        },
+    )
     server.responder = ScriptedResponder({"Outline": plan, "Draft": write_as_told})
 
     result = materialize(llm_config, UP_TO_APPROVAL)
 
-    # The injected text reached the model as data inside the user message, and it obeyed.
-    drafter = server.completions[-1]
-    assert drafter.schema_name == "Draft"
-    assert "IGNORE PREVIOUS INSTRUCTIONS" in str(_block(drafter.message("user"), "source_items"))
-    assert "IGNORE PREVIOUS INSTRUCTIONS" not in drafter.message("system")
-    draft = result.output_for_node("newsletter__draft")
-    assert draft.tier == "draft"
-    assert EVIL in {s.source_url for sec in draft.output.sections for s in sec.stories}
+    # The injected text reached the model as data inside the user message, and it obeyed:
+    # the draft, the verify tier (handed the draft and the failed check) and its repair.
+    drafts = [r for r in server.completions if r.schema_name == "Draft"]
+    assert len(drafts) == 3
+    first, verify, repair = drafts
+    assert "IGNORE PREVIOUS INSTRUCTIONS" in str(_block(first.message("user"), "source_items"))
+    assert "IGNORE PREVIOUS INSTRUCTIONS" not in first.message("system")
+    assert EVIL in verify.message("user").split("<problems_found>")[1]
+    assert "links_from_sources" in verify.message("user")
+    assert "<previous_answer>" in repair.message("user")
 
-    # The blocking editorial check catches it; the approval gate is never reached.
+    # The role's own check caught it before QA: the issue fell back to the rules tier.
+    draft = result.output_for_node("newsletter__draft")
+    assert (draft.tier, draft.fell_back) == ("rules", True)
+    assert "links_from_sources" in draft.note
+    assert EVIL not in {s.source_url for sec in draft.output.sections for s in sec.stories}
+    assert draft.model_calls == 3 and draft.cost_usd > 0  # the failed calls were billed
+    # The rules tier quotes the hostile item's own text, link included: the blocking editorial
+    # check catches that, and the approval gate is never reached.
     assert not result.success
     [check] = result.get_asset_check_evaluations()
     assert check.check_name == "editorial_qa" and not check.passed
     links = check.metadata["links_from_sources"].value
     assert str(links).startswith("FAIL") and "evil.example.net" in str(links)
-    assert result.asset_materializations_for_node("newsletter__approval_request") == []
     assert "newsletter__approval_request" not in _started_steps(result)
     assert kernel.approvals.current(WORKFLOW, ISSUE, "publish") is None
-    [blocked] = [e for e in _events(kernel, "decision") if e["actor"] == "check:editorial_qa"]
-    assert blocked["decision"] == "blocked" and "links_from_sources" in blocked["reason"]
 
-    # Publishing has nothing to publish.
-    published = materialize(llm_config, "key:newsletter/published_issue")
-    assert not published.success
-    site = load_config(llm_config).site_path
-    assert not (site / "posts").exists() and not (site / "index.html").exists()
+    # Each bad output is a retraining example with the prompt that produced it.
+    examples = _queued(kernel, "drafter")
+    assert [e.reason for e in examples] == ["check_failure"] * 2
+    assert all(EVIL in (e.bad_output or "") for e in examples)
+    decisions = [
+        (e["actor"], e["decision"]) for e in _events(kernel, "decision") if e["actor"] == "policy"
+    ]
+    assert ("policy", "verify") in decisions and ("policy", "repair") in decisions
 
 
-def test_a_story_credited_to_a_source_the_outline_did_not_choose_is_blocked(
-    server: FakeOpenAIServer, llm_config: Path, kernel: Kernel
+def test_a_misattributed_story_is_fixed_by_the_verify_tier(
+    server: FakeOpenAIServer, llm_config: Path, kernel: Kernel, tmp_path: Path
 ) -> None:
     other = "https://newsletter-craft.example.org/open-rates"  # found by research, not chosen
+    write_config(tmp_path, {"llm": _llm_with_checker(server), "policy": {**RETRIES, **BUDGETS}})
 
     def plan_without_open_rates(request: dict[str, Any]) -> ResponderResult:
         outline = plan(request)
@@ -333,13 +379,61 @@ def test_a_story_credited_to_a_source_the_outline_did_not_choose_is_blocked(
         return draft
 
     server.responder = ScriptedResponder(
-        {"Outline": plan_without_open_rates, "Draft": misattribute}
+        {
+            "Outline": plan_without_open_rates,
+            "Draft": _by_model(**{MODEL: misattribute, VERIFY_MODEL: write}),
+        }
     )
     result = materialize(llm_config, UP_TO_APPROVAL)
 
+    assert result.success
     sources = result.output_for_node("newsletter__sources")
     assert other in {i.url for i in sources.items}
+    draft = result.output_for_node("newsletter__draft")
+    assert (draft.tier, draft.model, draft.verified, draft.fell_back) == (
+        "verify",
+        VERIFY_MODEL,
+        True,
+        False,
+    )
+    assert other not in {s.source_url for sec in draft.output.sections for s in sec.stories}
+    assert draft.confidence is not None and draft.confidence < 0.7
+    calls = [(c["role"], c["tier"], c["model"]) for c in _calls(kernel)]
+    assert calls == [
+        ("planner", "draft", MODEL),
+        ("drafter", "draft", MODEL),
+        ("drafter", "verify", VERIFY_MODEL),
+    ]
+    assert draft.cost_usd == pytest.approx(sum(c["cost_usd"] for c in _calls(kernel)[1:]))
+    [verdict] = [e for e in _events(kernel, "decision") if e["decision"] == "verify"]
+    assert "below" in verdict["reason"]
+    # The operator sees what the issue cost so far, and what finishing it will cost.
+    approval = kernel.approvals.current(WORKFLOW, ISSUE, "publish")
+    assert approval is not None
+    outline = result.output_for_node("newsletter__outline")
+    assert approval.cost_so_far_usd == pytest.approx(outline.cost_usd + draft.cost_usd)
+    assert approval.cost_to_finish_usd == 0.0 and "no model" in (approval.cost_basis or "")
+
+
+def test_editorial_qa_still_blocks_what_the_role_checks_cannot_see(
+    server: FakeOpenAIServer, llm_config: Path, kernel: Kernel, tmp_path: Path
+) -> None:
+    write_config(
+        tmp_path,
+        {
+            "llm": _llm(server),
+            "policy": {**RETRIES, **BUDGETS},
+            "newsletter": {"length": {"min_words": 5000, "max_words": 9000}},
+        },
+    )
+    result = materialize(llm_config, UP_TO_APPROVAL)
+
+    draft = result.output_for_node("newsletter__draft")
+    assert (draft.tier, draft.fell_back) == ("draft", False)  # its own checks all passed
     assert not result.success
     [check] = result.get_asset_check_evaluations()
-    assert not check.passed and "open-rates" in str(check.metadata["links_from_sources"].value)
+    assert check.check_name == "editorial_qa" and not check.passed
+    assert "newsletter__approval_request" not in _started_steps(result)
     assert kernel.approvals.current(WORKFLOW, ISSUE, "publish") is None
+    [blocked] = [e for e in _events(kernel, "decision") if e["actor"] == "check:editorial_qa"]
+    assert blocked["decision"] == "blocked"

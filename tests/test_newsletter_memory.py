@@ -307,7 +307,7 @@ def test_the_model_planner_is_shown_what_readers_engaged_with(
     target = tmp_path / "feedback.csv"
     shutil.copyfile(FIXTURES / "feedback" / "pricing_fans.csv", target)
     llm = {
-        "endpoint": {"base_url": server.base_url, "api_key_env": API_KEY_ENV, "max_retries": 0},
+        "endpoint": {"base_url": server.base_url, "api_key_env": API_KEY_ENV},
         "tiers": {"draft": {"model": MODEL}, "verify": {"model": MODEL}},
         "prices": {MODEL: {"input_per_million": 1.0, "output_per_million": 1.0}},
     }

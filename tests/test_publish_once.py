@@ -579,13 +579,21 @@ def test_smtp_refusals_are_definite_failures_and_nothing_is_sent(
     assert good.health().healthy
     assert good.send("idem_ok", message).provider_id == message_id_for("idem_ok")
     assert inbox.count() == 1
-    with pytest.raises(EffectFailed, match="could not open an SMTP session"):
+    # Refusals that waiting will not fix are permanent: never retried, never a breaker failure.
+    with pytest.raises(EffectFailed, match="refused the login: 535") as login:
         SmtpMailer(_tls_settings(port), password="wrong-password").send("idem_x", message)
-    with pytest.raises(EffectFailed, match="AIOS_TEST_SMTP_PASSWORD"):
+    assert login.value.transient is False
+    with pytest.raises(EffectFailed, match="AIOS_TEST_SMTP_PASSWORD") as no_password:
         SmtpMailer(_tls_settings(port), password=None).send("idem_x", message)
+    assert no_password.value.transient is False
     # A server whose certificate is not trusted is never given the password.
     monkeypatch.delenv("SSL_CERT_FILE")
-    with pytest.raises(EffectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+    with pytest.raises(EffectFailed, match="CERTIFICATE_VERIFY_FAILED") as untrusted:
         good.send("idem_x", message)
+    assert untrusted.value.transient is False
+    # Nobody listening: nothing was sent, and trying again soon may work.
+    with pytest.raises(EffectFailed, match="could not open an SMTP session") as refused:
+        SmtpMailer(_tls_settings(free_port()), password=SMTP_PASSWORD).send("idem_x", message)
+    assert refused.value.transient is True
     assert not good.health().healthy
     assert inbox.count() == 1

@@ -29,6 +29,7 @@ from aios_dagster.connectors.base import Connector, EffectRequest, HealthReport,
 from aios_dagster.connectors.intent_log import EffectInProgress, IntentLog
 from aios_dagster.ledger import Ledger, Migration
 from aios_dagster.warehouse import Warehouse
+from tests.conftest import NO_COST
 
 WORKERS = 4
 ROUNDS = 4
@@ -156,7 +157,9 @@ def _ledger_worker(
         context = StepContext(workflow="stress", step="worker", run_id=f"run-{index}")
         barrier.wait(60)
         # Everyone stages the same payload and races to decide it: one request, one decision.
-        shared = desk.request(_payload(SHARED_ITEM), execute_job="job", run_id=f"run-{index}")
+        shared = desk.request(
+            _payload(SHARED_ITEM), execute_job="job", run_id=f"run-{index}", cost=NO_COST
+        )
         try:
             desk.decide(shared.approval_id, approve=True, actor=f"worker-{index}")
             reports.put(("decide", index, "won"))
@@ -164,7 +167,9 @@ def _ledger_worker(
             reports.put(("decide", index, "lost"))
         for round_ in range(ROUNDS):
             item = f"w{index}-r{round_}"
-            approval = desk.request(_payload(item), execute_job="job", run_id=f"run-{index}")
+            approval = desk.request(
+                _payload(item), execute_job="job", run_id=f"run-{index}", cost=NO_COST
+            )
             desk.decide(approval.approval_id, approve=True, actor=f"worker-{index}")
             intents.execute(connector, _effect(item), connector.perform, context)
         # Everyone claims the same effect at once; its performer holds it open until released.

@@ -29,6 +29,7 @@ from aios_dagster.policy.training import (
     TrainingError,
     TrainingQueue,
 )
+from tests.conftest import NO_COST
 
 CONTEXT = StepContext(
     workflow="newsletter", step="newsletter/draft", partition_key="2026-11-23", run_id="run-7"
@@ -84,7 +85,9 @@ def _payload(
 
 
 def _reject(kernel: Kernel, payload: StagedPayload, reason: str = "too salesy") -> Approval:
-    approval = kernel.approvals.request(payload, execute_job="publish_issue", run_id="run-42")
+    approval = kernel.approvals.request(
+        payload, execute_job="publish_issue", run_id="run-42", cost=NO_COST
+    )
     return kernel.approvals.decide(
         approval.approval_id, approve=False, actor="operator:test", reason=reason
     )
@@ -268,7 +271,7 @@ def test_a_rejection_lands_in_the_queue_with_its_payload_and_reason(kernel: Kern
 
     # Approving never queues anything.
     other = kernel.approvals.request(
-        _payload("# Another issue"), execute_job="publish_issue", run_id="run-43"
+        _payload("# Another issue"), execute_job="publish_issue", run_id="run-43", cost=NO_COST
     )
     kernel.approvals.decide(other.approval_id, approve=True, actor="operator:test")
     assert len(kernel.training.list()) == 1
@@ -291,7 +294,7 @@ def test_a_failing_hook_never_undoes_the_rejection(kernel: Kernel) -> None:
         drafts_dir=kernel.paths.drafts,
         on_reject=broken,
     )
-    approval = desk.request(_payload(), execute_job="publish_issue", run_id="run-42")
+    approval = desk.request(_payload(), execute_job="publish_issue", run_id="run-42", cost=NO_COST)
     decided = desk.decide(approval.approval_id, approve=False, actor="operator:test", reason="no")
     assert decided.status == "rejected"
     events = kernel.warehouse.query(
@@ -302,7 +305,7 @@ def test_a_failing_hook_never_undoes_the_rejection(kernel: Kernel) -> None:
     plain = ApprovalDesk(
         kernel.ledger, kernel.paths.staged, kernel.audit, drafts_dir=kernel.paths.drafts
     )
-    again = plain.request(_payload("# v2"), execute_job="publish_issue")
+    again = plain.request(_payload("# v2"), execute_job="publish_issue", cost=NO_COST)
     assert plain.decide(again.approval_id, approve=False, actor="o").status == "rejected"
     assert kernel.training.list() == []
 
@@ -312,7 +315,7 @@ def test_cli_reject_then_list_show_correct_and_export(
 ) -> None:
     hostile = "# Issue\n\n[bold red]not markup[/] and \x1b[2J a terminal escape"
     approval = kernel.approvals.request(
-        _payload(hostile), execute_job="publish_issue", run_id="run-42"
+        _payload(hostile), execute_job="publish_issue", run_id="run-42", cost=NO_COST
     )
     runner = CliRunner()
 

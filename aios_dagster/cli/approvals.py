@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from aios_dagster.approvals import ApprovalError, ApprovalStatus
+from aios_dagster.approvals import Approval, ApprovalError, ApprovalStatus
 from aios_dagster.cli.launch import failure_messages, launch_approved
 from aios_dagster.cli.session import console, fail, load
 from aios_dagster.kernel import Kernel
@@ -28,6 +28,16 @@ def _actor(kernel: Kernel, given: str | None) -> str:
     if given:
         return given
     return f"operator:{kernel.config.operator.email} (cli:{getpass.getuser()})"
+
+
+def _cost(approval: Approval) -> str:
+    """Spent so far, and '+' the estimate to finish when there is one."""
+    if approval.cost_so_far_usd is None:
+        return ""
+    text = f"${approval.cost_so_far_usd:.2f}"
+    if approval.cost_to_finish_usd:
+        text += f" +${approval.cost_to_finish_usd:.2f}"
+    return text
 
 
 @app.command("list")
@@ -48,7 +58,7 @@ def list_approvals(
     table = Table()
     # The id is what the operator types next: never truncated or wrapped.
     table.add_column("id", no_wrap=True, min_width=max(len(a.approval_id) for a in rows))
-    for header in ("status", "title", "requested", "decided by", "published"):
+    for header in ("status", "title", "cost", "requested", "decided by", "published"):
         table.add_column(header)
     for a in rows:
         # Titles come from feeds and the operator's --as: plain text, never Rich markup.
@@ -56,6 +66,7 @@ def list_approvals(
             Text(a.approval_id),
             a.status,
             Text(a.title),
+            _cost(a),
             a.requested_at[:19].replace("T", " "),
             Text(a.decided_by or ""),
             (a.executed_at or "")[:19].replace("T", " "),
@@ -82,8 +93,13 @@ def show(approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")
     tiers = payload.metadata.get("tiers", {})
     if tiers:
         console.print(f"  made by:       {tiers}", markup=False)
-    if "cost_so_far_usd" in payload.metadata:
-        console.print(f"  cost so far:   ${payload.metadata['cost_so_far_usd']:.4f}")
+    if approval.cost_so_far_usd is not None:
+        console.print(f"  cost so far:   ${approval.cost_so_far_usd:.4f}")
+    if approval.cost_to_finish_usd is not None:
+        console.print(
+            f"  to finish:     ${approval.cost_to_finish_usd:.4f} ({approval.cost_basis})",
+            markup=False,
+        )
     questions = payload.metadata.get("questions")
     if isinstance(questions, list) and questions:
         for question in questions:

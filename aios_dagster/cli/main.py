@@ -13,6 +13,8 @@ from rich.table import Table
 
 from aios_dagster.cli import approvals as approvals_cli
 from aios_dagster.cli import audit as audit_cli
+from aios_dagster.cli import breakers as breakers_cli
+from aios_dagster.cli import budget as budget_cli
 from aios_dagster.cli import effects as effects_cli
 from aios_dagster.cli import facts as facts_cli
 from aios_dagster.cli import training as training_cli
@@ -27,6 +29,8 @@ app = typer.Typer(
 config_app = typer.Typer(help="Check the operator configuration.", no_args_is_help=True)
 app.add_typer(approvals_cli.app, name="approvals")
 app.add_typer(audit_cli.app, name="audit")
+app.add_typer(breakers_cli.app, name="breakers")
+app.add_typer(budget_cli.app, name="budget")
 app.add_typer(effects_cli.app, name="effects")
 app.add_typer(facts_cli.app, name="facts")
 app.add_typer(training_cli.app, name="training")

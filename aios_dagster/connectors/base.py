@@ -61,7 +61,16 @@ class ConnectorError(RuntimeError):
 
 
 class EffectFailed(ConnectorError):
-    """The provider definitely did not perform the effect; trying again is safe."""
+    """The provider definitely did not perform the effect; trying again is safe.
+
+    `transient` is the connector's word that trying again soon may work (a refused connection,
+    an SMTP 4xx): only then does the retry policy try again, and only then does the failure
+    count against the connector's breaker.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class OutcomeUnknown(ConnectorError):

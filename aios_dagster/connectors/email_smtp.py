@@ -88,12 +88,22 @@ class SmtpMailer(Connector):
             message.add_alternative(email.html, subtype="html")
         try:
             smtp = self._connect()
-        except (OSError, smtplib.SMTPException) as exc:
+        except smtplib.SMTPAuthenticationError as exc:
+            raise EffectFailed(f"the SMTP server refused the login: {exc.smtp_code}") from exc
+        except ssl.SSLCertVerificationError as exc:
+            # Not transient: an untrusted certificate stays untrusted until someone acts.
             raise EffectFailed(f"could not open an SMTP session: {exc}") from exc
+        except (OSError, smtplib.SMTPException) as exc:
+            # Nothing was sent: a refused or dropped connection may well work in a moment.
+            raise EffectFailed(f"could not open an SMTP session: {exc}", transient=True) from exc
         try:
             refused = smtp.send_message(message)
         except smtplib.SMTPResponseException as exc:
-            raise EffectFailed(f"the server refused the message: {exc.smtp_code}") from exc
+            # SMTP's own classes: 4xx is "try again later", 5xx is final.
+            raise EffectFailed(
+                f"the server refused the message: {exc.smtp_code}",
+                transient=400 <= exc.smtp_code < 500,
+            ) from exc
         except smtplib.SMTPRecipientsRefused as exc:
             raise EffectFailed(f"recipient refused: {list(exc.recipients)}") from exc
         except (OSError, smtplib.SMTPException) as exc:

@@ -5,6 +5,14 @@ recovery points: claim the key (in_flight, with a lease naming this process), ca
 with the key, record the outcome. A retry that finds the key succeeded replays the recorded
 outcome; one that finds it in flight under a dead owner asks the provider (reconciliation) and
 marks the effect for the operator when the provider cannot answer, never resending blindly.
+
+With breakers and retries configured, each execution passes the connector's circuit breaker
+(``connector:<name>``) first: while it is open nothing is claimed or sent, the intent keeps its
+state (planned, or failed for a retry) and `BreakerOpen` is raised for the step to report. A
+failure the connector marked transient (`EffectFailed` with ``transient = True``: surely not
+performed) is retried under the retry policy, each attempt claiming the key again through the
+ledger, so leases and reconciliation work exactly as for a single attempt; `OutcomeUnknown` is
+never retried (only reconciliation may decide).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel
 
 from aios_dagster.audit import AuditEvent, AuditLog, StepContext
+from aios_dagster.config import RetrySettings
 from aios_dagster.connectors.base import (
     Connector,
     EffectFailed,
@@ -30,6 +39,8 @@ from aios_dagster.connectors.base import (
 )
 from aios_dagster.crashpoints import crash_point
 from aios_dagster.ledger import Ledger, utc_now
+from aios_dagster.policy.breakers import BreakerOpen, CircuitBreakers
+from aios_dagster.policy.retries import Classification, RetryEvent, RetryPolicy, classify_error
 
 IntentState = Literal["awaiting_approval", "in_flight", "succeeded", "failed", "needs_operator"]
 
@@ -95,15 +106,38 @@ class EffectInProgress(RuntimeError):
     """Another live process holds this effect; try again later."""
 
 
+def classify_connector_error(exc: BaseException) -> Classification:
+    """Only an `EffectFailed` its connector marked transient is worth another attempt: any
+    other error from an effect is left to reconciliation, the operator or the step."""
+    if isinstance(exc, EffectFailed):
+        return classify_error(exc)
+    return Classification(False, f"{type(exc).__name__} is not a transient EffectFailed")
+
+
+def connector_breaker(connector: str) -> str:
+    """The breaker of a connector (one per connector name, shared by every process)."""
+    return f"connector:{connector}"
+
+
 class IntentLog:
     """Runs side effects through the ledger so that each happens at most once, and is known."""
 
     def __init__(
-        self, ledger: Ledger, audit: AuditLog, *, lease: timedelta = timedelta(minutes=10)
+        self,
+        ledger: Ledger,
+        audit: AuditLog,
+        *,
+        lease: timedelta = timedelta(minutes=10),
+        breakers: CircuitBreakers | None = None,
+        retries: RetrySettings | None = None,
     ) -> None:
         self.ledger = ledger
         self.audit = audit
         self.lease = lease
+        self.breakers = breakers
+        self.retries = (
+            None if retries is None else RetryPolicy(retries, classify=classify_connector_error)
+        )
 
     def plan(self, request: EffectRequest, connector: str, *, run_id: str | None) -> None:
         """Record an effect that waits for approval (no-op if the key is already known)."""
@@ -241,7 +275,80 @@ class IntentLog:
         perform: Callable[[str], Receipt],
         context: StepContext,
     ) -> EffectOutcome:
-        """Perform the effect once: claim, call with the key, record; or replay/reconcile."""
+        """Perform the effect once: claim, call with the key, record; or replay/reconcile.
+
+        Raises `BreakerOpen` without touching the intent while the connector's breaker is open;
+        `EffectFailed` (after the retries, when transient), `OutcomeUnknown`, `EffectInProgress`
+        or `EffectNeedsOperator` as a single attempt does.
+        """
+        if self.breakers is None:
+            return self._attempts(connector, request, perform, context)
+        if self.state_of(request.key) == "succeeded":
+            # A replay asks nothing of the provider: an open breaker must not block it.
+            return self._execute_once(connector, request, perform, context)
+        breaker = connector_breaker(connector.name)
+        try:
+            probe = self.breakers.admit(breaker)
+        except BreakerOpen as exc:
+            self.audit.note(
+                context,
+                kind="effect",
+                actor=f"connector:{connector.name}",
+                subject=f"{request.action}:{request.target}",
+                decision="deferred: breaker open",
+                reason=str(exc),
+                detail={"idempotency_key": request.key, "breaker": breaker},
+            )
+            raise
+        try:
+            outcome = self._attempts(connector, request, perform, context)
+        except BaseException as exc:
+            self.breakers.record_outcome(breaker, exc, probe=probe)
+            raise
+        if not outcome.replayed:
+            self.breakers.record_success(breaker)
+        elif probe:  # succeeded meanwhile elsewhere: this probe tested nothing
+            self.breakers.release_probe(breaker)
+        return outcome
+
+    def _attempts(
+        self,
+        connector: Connector,
+        request: EffectRequest,
+        perform: Callable[[str], Receipt],
+        context: StepContext,
+    ) -> EffectOutcome:
+        """One execution, or several under the retry policy for transient EffectFailed."""
+        if self.retries is None:
+            return self._execute_once(connector, request, perform, context)
+
+        def on_retry(event: RetryEvent) -> None:
+            self.audit.note(
+                context,
+                kind="decision",
+                actor=f"retry:{connector_breaker(connector.name)}",
+                subject=f"{request.action}:{request.target}",
+                decision=f"retry in {event.wait_seconds:.2f} s",
+                reason=f"attempt {event.attempt} failed: {event.classification.reason}: "
+                f"{event.error}",
+                detail={
+                    "idempotency_key": request.key,
+                    "attempt": event.attempt,
+                    "wait_seconds": round(event.wait_seconds, 3),
+                },
+            )
+
+        return self.retries.call(
+            lambda: self._execute_once(connector, request, perform, context), on_retry=on_retry
+        )
+
+    def _execute_once(
+        self,
+        connector: Connector,
+        request: EffectRequest,
+        perform: Callable[[str], Receipt],
+        context: StepContext,
+    ) -> EffectOutcome:
         key = request.key
         claim = self._claim(connector, request, context)
         if isinstance(claim, EffectOutcome):

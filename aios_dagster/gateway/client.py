@@ -1,20 +1,33 @@
-"""Calling an OpenAI-compatible endpoint for a structured output, priced and audited."""
+"""Calling an OpenAI-compatible endpoint for a structured output, priced and audited.
+
+Retries happen here and only here: the SDK client is built with ``max_retries=0`` and each call
+runs under the retry policy (`aios_dagster.policy.retries`, settings from ``policy.retries``), so
+the SDK, our code and Dagster never stack retries. One audit row per call, whatever its number of
+attempts: the row carries the call's total latency, the billed tokens of the answer that counted
+and, on failure, how the retrying ended; every retry in between is a `decision` event (which
+attempt failed, why, how long we waited), so nothing is silent and no prompt is stored twice.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import httpx2
 import openai
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam, ParsedChatCompletion
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from aios_dagster.audit import AuditLog, LLMCallRecord, StepContext
-from aios_dagster.config import LLMSettings
+from aios_dagster.config import LLMSettings, RetrySettings
 from aios_dagster.gateway.pricing import cost_usd
+from aios_dagster.policy.retries import GiveUp, RetryEvent, RetryPolicy, classify_error
+
+if TYPE_CHECKING:
+    from openai._legacy_response import LegacyAPIResponse
 
 OutputT = TypeVar("OutputT", bound=BaseModel)
 
@@ -48,32 +61,57 @@ class ModelReply(BaseModel, Generic[OutputT]):
 class LLMError(RuntimeError):
     """A model call did not produce a usable output."""
 
+    transient: bool = False
+    """Whether trying the same call later might work (read by the retry and breaker policies)."""
+    cost_usd: float = 0.0
+    """What the endpoint billed for this failed call (an answer that did not fit was billed)."""
+
 
 class UnpricedModel(LLMError):
     """The model has no price in the table, so it is never called (spend must be knowable)."""
 
 
 class LLMCallFailed(LLMError):
-    """The endpoint failed after the SDK's bounded retries (network, 4xx, 5xx, timeout)."""
+    """The endpoint failed (network, 4xx, 5xx, timeout), after our bounded retries when the
+    failure was transient. `transient` says which: a breaker counts only transient failures,
+    and an outer layer must not retry it again (that would stack retries)."""
+
+    def __init__(
+        self, message: str, *, transient: bool = False, attempts: int = 1, cost_usd: float = 0.0
+    ) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.attempts = attempts
+        self.cost_usd = cost_usd
 
 
 class LLMOutputInvalid(LLMError):
-    """The endpoint answered, but not with an output that fits the schema."""
+    """The endpoint answered, but not with an output that fits the schema. Never retried here
+    (the same prompt tends to fail the same way); `output_text` lets the caller repair it."""
+
+    def __init__(
+        self, message: str, *, output_text: str | None = None, cost_usd: float = 0.0
+    ) -> None:
+        super().__init__(message)
+        self.output_text = output_text
+        self.cost_usd = cost_usd
 
 
-_clients: dict[tuple[str, str, float, int], OpenAI] = {}
+_clients: dict[tuple[str, str, float], OpenAI] = {}
 _clients_lock = threading.Lock()
 
+MIN_ATTEMPT_TIMEOUT_SECONDS = 0.05
+"""An attempt's timeout is cut to the time left before the retry deadline, but never below this."""
 
-def _client_for(base_url: str, api_key: str, timeout: float, max_retries: int) -> OpenAI:
-    # Creating a client loads certificates (30-45 ms): one per endpoint per process.
-    key = (base_url, api_key, timeout, max_retries)
+
+def _client_for(base_url: str, api_key: str, timeout: float) -> OpenAI:
+    # Creating a client loads certificates (30-45 ms): one per endpoint per process. The SDK
+    # never retries (max_retries=0): the retry policy does, once, for every layer.
+    key = (base_url, api_key, timeout)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = OpenAI(
-                base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
-            )
+            client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
             _clients[key] = client
         return client
 
@@ -106,10 +144,28 @@ def _billed(response: httpx2.Response) -> tuple[str | None, int, int]:
 class LLMGateway:
     """The single entry point for model calls; every call is priced and audited."""
 
-    def __init__(self, settings: LLMSettings, *, api_key: str | None, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        settings: LLMSettings,
+        *,
+        api_key: str | None,
+        audit: AuditLog,
+        retries: RetrySettings | None = None,
+    ) -> None:
         self.settings = settings
         self.api_key = api_key
         self.audit = audit
+        self.retries = retries if retries is not None else RetrySettings()
+
+    @property
+    def retries(self) -> RetrySettings:
+        """The operator's ``policy.retries``, which the kernel passes in."""
+        return self._retry_policy.settings
+
+    @retries.setter
+    def retries(self, settings: RetrySettings) -> None:
+        """One retry policy per gateway, not per call: it seeds its jitter generator once."""
+        self._retry_policy = RetryPolicy(settings)
 
     @property
     def configured(self) -> bool:
@@ -136,12 +192,10 @@ class LLMGateway:
         if price is None:
             raise UnpricedModel(f"model '{model_tier.model}' has no price in llm.prices")
         client = _client_for(
-            endpoint.base_url,
-            self.api_key or "not-needed",
-            endpoint.timeout_seconds,
-            endpoint.max_retries,
+            endpoint.base_url, self.api_key or "not-needed", endpoint.timeout_seconds
         )
         started = time.perf_counter()
+        deadline = time.monotonic() + self.retries.max_seconds
         record = LLMCallRecord(
             workflow=context.workflow,
             partition_key=context.partition_key,
@@ -154,24 +208,63 @@ class LLMGateway:
             output=None,
             run_id=context.run_id,
         )
-        try:
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": prompt.system},
+            {"role": "user", "content": prompt.user},
+        ]
+
+        def attempt() -> LegacyAPIResponse[ParsedChatCompletion[OutputT]]:
             # The raw response first: a reply that fails to parse was still answered and billed,
-            # so its tokens, cost and text are recorded before parsing can raise.
-            raw = client.chat.completions.with_raw_response.parse(
+            # so its tokens, cost and text are recorded before parsing can raise. Each attempt
+            # may use what is left before the retry deadline, never more.
+            remaining = deadline - time.monotonic()
+            return client.chat.completions.with_raw_response.parse(
                 model=model_tier.model,
-                messages=[
-                    {"role": "system", "content": prompt.system},
-                    {"role": "user", "content": prompt.user},
-                ],
+                messages=messages,
                 response_format=output_model,
                 max_tokens=model_tier.max_output_tokens,
                 temperature=model_tier.temperature,
+                timeout=max(MIN_ATTEMPT_TIMEOUT_SECONDS, min(endpoint.timeout_seconds, remaining)),
             )
+
+        def on_retry(event: RetryEvent) -> None:
+            self.audit.note(
+                context,
+                kind="decision",
+                actor=f"retry:llm:{endpoint.base_url}",
+                subject=record.call_id,
+                decision=f"retry in {event.wait_seconds:.2f} s",
+                reason=(
+                    f"attempt {event.attempt} failed: {event.classification.reason}: "
+                    f"{type(event.error).__name__}: {event.error}"
+                ),
+                detail={
+                    "attempt": event.attempt,
+                    "wait_seconds": round(event.wait_seconds, 3),
+                    "retry_after_seconds": event.classification.retry_after,
+                    "elapsed_seconds": round(event.elapsed_seconds, 3),
+                    "role": role,
+                    "tier": tier,
+                    "model": model_tier.model,
+                },
+            )
+
+        outcome: list[GiveUp] = []
+        try:
+            raw = self._retry_policy.call(attempt, on_retry=on_retry, on_give_up=outcome.append)
         except openai.APIError as exc:
             record.latency_ms = (time.perf_counter() - started) * 1000
+            gave_up = outcome[0] if outcome else None
+            transient = classify_error(exc).transient
             record.error = f"{type(exc).__name__}: {exc}"
+            if gave_up is not None and (gave_up.attempts > 1 or transient):
+                record.error += f" [{gave_up.describe()}]"
             self.audit.record_call(record)
-            raise LLMCallFailed(record.error) from exc
+            raise LLMCallFailed(
+                record.error,
+                transient=transient,
+                attempts=gave_up.attempts if gave_up is not None else 1,
+            ) from exc
         latency_ms = (time.perf_counter() - started) * 1000
         record.latency_ms = latency_ms
         record.output, prompt_tokens, completion_tokens = _billed(raw.http_response)
@@ -183,18 +276,18 @@ class LLMGateway:
         except openai.APIError as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             self.audit.record_call(record)
-            raise LLMCallFailed(record.error) from exc
+            raise LLMCallFailed(record.error, cost_usd=cost) from exc
         except (ValidationError, json.JSONDecodeError, openai.OpenAIError) as exc:
             record.error = f"output does not fit {output_model.__name__}: {exc}"
             self.audit.record_call(record)
-            raise LLMOutputInvalid(record.error) from exc
+            raise LLMOutputInvalid(record.error, output_text=record.output, cost_usd=cost) from exc
         message = completion.choices[0].message if completion.choices else None
         parsed = message.parsed if message else None
         if parsed is None:
             refusal = getattr(message, "refusal", None)
             record.error = f"no parsed output (refusal: {refusal!r})"
             self.audit.record_call(record)
-            raise LLMOutputInvalid(record.error)
+            raise LLMOutputInvalid(record.error, output_text=record.output, cost_usd=cost)
         record.status = "ok"
         self.audit.record_call(record)
         return ModelReply[OutputT](

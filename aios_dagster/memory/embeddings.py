@@ -232,6 +232,5 @@ def embedder_for(settings: AiosConfig, api_key: str | None) -> Embedder:
         base_url=base_url,
         api_key=key,
         timeout_seconds=endpoint.timeout_seconds,
-        max_retries=endpoint.max_retries,
         batch_size=embeddings.batch_size,
     )

@@ -39,7 +39,13 @@ from typing import Any, Literal, get_args
 import duckdb
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
-from aios_dagster.approvals import ApprovalDesk, NotAuthorized, StagedPayload, approval_id_for
+from aios_dagster.approvals import (
+    ApprovalCost,
+    ApprovalDesk,
+    NotAuthorized,
+    StagedPayload,
+    approval_id_for,
+)
 from aios_dagster.audit import AuditEvent, AuditLog
 from aios_dagster.files import atomic_write
 from aios_dagster.memory.cold_store import ColdStore
@@ -55,6 +61,12 @@ IRREVERSIBLE_CATEGORIES: frozenset[FactCategory] = frozenset({"price", "legal"})
 
 WORKFLOW = "facts"
 APPLY_FACT_CHANGE_JOB = "apply_fact_change"
+FACT_CHANGE_COST = ApprovalCost(
+    so_far_usd=0.0,
+    to_finish_usd=0.0,
+    basis="a fact change is proposed and applied without any model call",
+)
+"""Fact changes spend nothing on models: proposing and applying one are warehouse writes."""
 """The Dagster job an approved fact change runs in (defined in `assets/facts`)."""
 CHANGE_ACTION_PREFIX = "change_fact:"
 APPROVED_ACTOR_PREFIX = "operator-approved:"
@@ -851,7 +863,10 @@ class FactStore:
             # Staged after the proposal row commits: a crash in between leaves a proposal whose
             # approval the next identical proposal stages (the payload is a pure function of it).
             self.approvals.request(
-                self._payload(proposal), execute_job=APPLY_FACT_CHANGE_JOB, run_id=run_id
+                self._payload(proposal),
+                execute_job=APPLY_FACT_CHANGE_JOB,
+                run_id=run_id,
+                cost=FACT_CHANGE_COST,
             )
         if fresh:
             self._audit(

@@ -17,14 +17,17 @@ from typing import Any, Literal
 
 import dagster as dg
 
-from aios_dagster.approvals import APPROVAL_TAG, NotAuthorized, StagedPayload
+from aios_dagster.agents import AgentRole, BudgetPaused, StepResult
+from aios_dagster.approvals import APPROVAL_TAG, ApprovalCost, NotAuthorized, StagedPayload
 from aios_dagster.audit import StepContext
 from aios_dagster.config import AiosConfig, ConfigError
-from aios_dagster.connectors.base import EffectRequest
+from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown
+from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
 from aios_dagster.kernel import Kernel
 from aios_dagster.memory.embeddings import EmbeddingError
 from aios_dagster.memory.recall import RetrievalPolicy
 from aios_dagster.memory.working_set import EntryTooLarge
+from aios_dagster.policy.breakers import BreakerOpen
 from aios_dagster.sources.items import SourceItem
 from assets.newsletter.editorial_qa import review_issue
 from assets.newsletter.feedback import AudienceFeedback, load_feedback
@@ -60,6 +63,15 @@ LLM_POOL = "llm"
 `concurrency: pools: default_limit` or `dagster instance concurrency set llm N`) caps model calls
 across all concurrent runs."""
 ISSUE_JOB = "newsletter_issue"
+PUBLISH_MODEL_COST_USD = 0.0
+"""What the work after the approval gate spends on models: the publish job calls none."""
+STEP_RETRIES = dg.RetryPolicy(
+    max_retries=2, delay=1.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+"""Dagster retries a step only for what nothing below it retries: an unexpected error (a locked
+file, a full disk). Model requests are retried inside the gateway and connector effects inside the
+intent log; their final failures end on the rules tier or as a `dg.Failure(allow_retries=False)`,
+so a request is never retried by two layers."""
 
 # A check on a partitioned asset must be partitioned too, or it loads every partition; Dagster
 # marks `partitions_def` on checks as preview. We rely on it knowingly: silence only that notice.
@@ -107,6 +119,23 @@ def _step_metadata(step: OutlineStep | DraftStep, preview: str) -> dict[str, Any
     }
 
 
+def _run_role(
+    kernel: Kernel,
+    role: AgentRole[Any, Any],
+    inputs: Any,
+    step: StepContext,
+    *,
+    retrieval_similarity: float | None = None,
+) -> StepResult[Any]:
+    """Run a role under the policy engine; a budget pause stops the step without a retry."""
+    try:
+        return kernel.agents.run(role, inputs, step, retrieval_similarity=retrieval_similarity)
+    except BudgetPaused as exc:
+        raise dg.Failure(str(exc), metadata={"paused_by": "budget"}, allow_retries=False) from exc
+    finally:
+        kernel.audit.flush()
+
+
 def _recent(aios: AiosKernel, partition_key: str) -> tuple[list[str], list[str]]:
     config = aios.operator_config()
     recent = aios.kernel().published.recent(
@@ -119,6 +148,7 @@ def _recent(aios: AiosKernel, partition_key: str) -> tuple[list[str], list[str]]
 
 @dg.asset(
     key=SOURCES,
+    retry_policy=STEP_RETRIES,
     group_name=GROUP,
     partitions_def=ISSUE_WEEKS,
     owners=OWNERS,
@@ -157,6 +187,7 @@ def sources(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Output[Re
 
 @dg.asset(
     key=OUTLINE,
+    retry_policy=STEP_RETRIES,
     pool=LLM_POOL,
     ins={"sources": dg.AssetIn(SOURCES)},
     group_name=GROUP,
@@ -189,7 +220,7 @@ def outline(
         feedback_boosts={b.item_id: b.boost for b in boosts if b.boost},
         reader_engagement=feedback.stories,
     )
-    result = kernel.agents.run(PLANNER, inputs, _step(context, OUTLINE))
+    result = _run_role(kernel, PLANNER, inputs, _step(context, OUTLINE))
     known = sources.by_id()
     plan = result.output
     unknown = [i for s in plan.sections for i in s.item_ids if i not in known]
@@ -321,6 +352,7 @@ def _remember(
 
 @dg.asset(
     key=DRAFT,
+    retry_policy=STEP_RETRIES,
     pool=LLM_POOL,
     ins={"sources": dg.AssetIn(SOURCES), "outline": dg.AssetIn(OUTLINE)},
     group_name=GROUP,
@@ -352,7 +384,13 @@ def draft(
         items=items,
         facts=facts.cited,
     )
-    result = kernel.agents.run(DRAFTER, inputs, _step(context, DRAFT))
+    result = _run_role(
+        kernel,
+        DRAFTER,
+        inputs,
+        _step(context, DRAFT),
+        retrieval_similarity=facts.recall.best_similarity if facts.cited else None,
+    )
     kernel.audit.flush()
     markdown = issue_markdown(result.output, issue_date=context.partition_key, facts=facts.cited)
     step = DraftStep.model_validate(
@@ -498,6 +536,7 @@ def editorial_qa(
 
 @dg.asset(
     key=APPROVAL_REQUEST,
+    retry_policy=STEP_RETRIES,
     ins={"sources": dg.AssetIn(SOURCES), "draft": dg.AssetIn(DRAFT)},
     group_name=GROUP,
     partitions_def=ISSUE_WEEKS,
@@ -546,7 +585,16 @@ def approval_request(
             "needs_operator_attention": draft.needs_operator_attention,
         },
     )
-    approval = kernel.approvals.request(payload, execute_job=PUBLISH_JOB, run_id=context.run.run_id)
+    approval = kernel.approvals.request(
+        payload,
+        execute_job=PUBLISH_JOB,
+        run_id=context.run.run_id,
+        cost=ApprovalCost(
+            so_far_usd=draft.cost_so_far_usd,
+            to_finish_usd=PUBLISH_MODEL_COST_USD,
+            basis="publishing writes the site and sends the emails; it calls no model",
+        ),
+    )
     kernel.intents.plan(
         EffectRequest(
             workflow=WORKFLOW,
@@ -584,6 +632,7 @@ def approval_request(
             "draft_markdown": dg.MetadataValue.path(str(markdown_path)),
             "approve_command": dg.MetadataValue.md(f"`{command}`"),
             "cost_so_far_usd": dg.MetadataValue.float(draft.cost_so_far_usd),
+            "cost_to_finish_usd": dg.MetadataValue.float(PUBLISH_MODEL_COST_USD),
             "needs_operator_attention": draft.needs_operator_attention,
             "questions": dg.MetadataValue.md(
                 "\n".join(f"- {q}" for q in draft.questions) or "_none_"
@@ -594,6 +643,7 @@ def approval_request(
 
 @dg.asset(
     key=PUBLISHED_ISSUE,
+    retry_policy=STEP_RETRIES,
     deps=[APPROVAL_REQUEST],
     group_name=GROUP,
     partitions_def=ISSUE_WEEKS,
@@ -619,7 +669,8 @@ def published_issue(
             state = "no approval request" if current is None else f"approval {current.status}"
             raise dg.Failure(
                 f"issue {partition} cannot be published: {state}. Approve it first with "
-                "`aios approvals approve <id> --publish`."
+                "`aios approvals approve <id> --publish`.",
+                allow_retries=False,
             )
         approval_id = current.approval_id
     try:
@@ -634,13 +685,14 @@ def published_issue(
             reason=str(exc),
         )
         kernel.audit.flush()
-        raise dg.Failure(f"not publishing issue {partition}: {exc}") from None
+        raise dg.Failure(f"not publishing issue {partition}: {exc}", allow_retries=False) from None
     already = kernel.published.get(WORKFLOW, partition)
     if already is not None and already.payload_hash != approval.payload_hash:
         kernel.audit.flush()
         raise dg.Failure(
             f"issue {partition} was already published from payload {already.payload_hash[:10]}; "
-            "publishing a different payload for the same issue is a correction, not a retry"
+            "publishing a different payload for the same issue is a correction, not a retry",
+            allow_retries=False,
         )
     try:
         report = publish_issue(
@@ -651,6 +703,20 @@ def published_issue(
             mailer=mailer.mailer(),
             context=_step(context, PUBLISHED_ISSUE),
         )
+    except (
+        BreakerOpen,
+        EffectFailed,
+        OutcomeUnknown,
+        EffectInProgress,
+        EffectNeedsOperator,
+    ) as exc:
+        # The site connector already retried what was transient (or its breaker is open):
+        # a step retry would stack on that. The intent log keeps the effect's state, so
+        # re-running the job later continues exactly where this stopped.
+        raise dg.Failure(
+            f"issue {partition} was not published: {type(exc).__name__}: {exc}",
+            allow_retries=False,
+        ) from exc
     finally:
         kernel.audit.flush()
     if report.email_needs_operator:
@@ -660,7 +726,8 @@ def published_issue(
             " they will NOT be resent. Check the mail log for their Message-IDs, then settle"
             " them with `aios effects resolve`."
             + (
-                f" {len(report.email_failed)} other emails failed and a retry sends only those."
+                f" {len(report.email_failed)} other emails failed; re-running the job sends"
+                " only those."
                 if report.email_failed
                 else ""
             ),
@@ -668,12 +735,16 @@ def published_issue(
                 "needs_operator": dg.MetadataValue.json(report.email_needs_operator),
                 "failed": dg.MetadataValue.json(report.email_failed),
             },
+            allow_retries=False,
         )
     if report.email_failed:
         raise dg.Failure(
             f"issue {partition} is on the site ({report.url}) but {len(report.email_failed)} "
-            "emails did not go out; a retry sends only those",
+            "emails did not go out; re-running the job sends only those",
             metadata={"failed": dg.MetadataValue.json(report.email_failed)},
+            # The mail connector already retried each transient failure; a step retry would
+            # stack on it. Re-running the job sends only the emails that did not go out.
+            allow_retries=False,
         )
     return dg.MaterializeResult(
         metadata={

@@ -22,6 +22,7 @@ from aios_dagster.connectors.email_smtp import OutgoingEmail, SmtpMailer
 from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator, EffectOutcome
 from aios_dagster.connectors.static_site import SitePost, StaticSitePublisher
 from aios_dagster.kernel import Kernel
+from aios_dagster.policy.breakers import BreakerOpen
 from aios_dagster.published import PublishedOutput
 
 WORKFLOW = "newsletter"
@@ -148,7 +149,9 @@ def publish_issue(
             except EffectNeedsOperator as exc:
                 needs_operator[address] = str(exc)
                 continue
-            except (EffectFailed, OutcomeUnknown, EffectInProgress) as exc:
+            except (EffectFailed, OutcomeUnknown, EffectInProgress, BreakerOpen) as exc:
+                # BreakerOpen: the mail server failed repeatedly; the email stays planned and
+                # the next run sends it once the breaker lets a probe through.
                 failed[address] = str(exc)
                 continue
             (replayed if outcome.replayed else emailed).append(address)

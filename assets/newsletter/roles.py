@@ -4,6 +4,7 @@ rules-tier stand-in that makes it when no model is available."""
 from __future__ import annotations
 
 from aios_dagster.agents import AgentRole
+from assets.newsletter.checks import draft_checks, outline_checks
 from assets.newsletter.models import Draft, DrafterInput, Outline, PlannerInput
 from assets.newsletter.prompts import drafter_prompt, planner_prompt
 from assets.newsletter.rules import plan_issue, write_issue
@@ -14,6 +15,7 @@ PLANNER: AgentRole[PlannerInput, Outline] = AgentRole(
     output_model=Outline,
     prompt=planner_prompt,
     rules=plan_issue,
+    checks=outline_checks,
 )
 
 DRAFTER: AgentRole[DrafterInput, Draft] = AgentRole(
@@ -22,4 +24,5 @@ DRAFTER: AgentRole[DrafterInput, Draft] = AgentRole(
     output_model=Draft,
     prompt=drafter_prompt,
     rules=write_issue,
+    checks=draft_checks,
 )

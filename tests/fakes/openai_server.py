@@ -28,7 +28,8 @@ What a test controls:
   `schema_responder`, answers with the smallest instance of the requested JSON schema.
 - **latency**: seconds the server waits before answering each completion.
 - **faults**: `fail_next` queues faults consumed one per completion request, in order;
-  `fail_always` applies one to every request until cleared. See `Fault` for the kinds (429 with
+  `fail_always` applies one to every request until cleared; `fail_randomly` fails a seeded
+  random share of requests with faults picked from a list. See `Fault` for the kinds (429 with
   Retry-After, 5xx, 400, output that is not the schema, a refusal, a dropped connection, a
   stall past the client's timeout). Embedding requests have their own queue,
   `fail_next_embeddings` (there ``invalid_output`` and ``refusal`` answer one vector too few).
@@ -686,6 +687,9 @@ class FakeOpenAIServer:
     ) -> None:
         """`port` 0 lets the OS choose a free one; read it back from `url` after `start()`."""
         self.responder: Responder = responder or schema_responder
+        self._random_rate = 0.0
+        self._random_faults: tuple[Fault, ...] = ()
+        self._random_rng = random.Random(0)
         self.embedder: EmbeddingFn = embedder or hash_embedding
         self.embedding_dimensions = embedding_dimensions
         self._embedding_faults: deque[Fault] = deque()
@@ -781,6 +785,19 @@ class FakeOpenAIServer:
         with self._lock:
             self._always = fault
 
+    def fail_randomly(self, rate: float, faults: Sequence[Fault], *, seed: int = 0) -> None:
+        """Fail each later completion request with probability `rate`, with one of `faults`
+        picked uniformly; seeded, so a test sees the same sequence of failures every run (as
+        far as request order allows). `rate` 0 stops it. Queued faults still come first."""
+        if not 0 <= rate <= 1:
+            raise ValueError(f"rate must be in [0, 1], not {rate}")
+        if rate and not faults:
+            raise ValueError("fail_randomly needs at least one fault to pick from")
+        with self._lock:
+            self._random_rate = rate
+            self._random_faults = tuple(faults)
+            self._random_rng = random.Random(seed)
+
     def reset(self) -> None:
         """Forget recorded requests, queued and standing faults and responder errors."""
         with self._lock:
@@ -788,6 +805,7 @@ class FakeOpenAIServer:
             self._faults.clear()
             self._embedding_faults.clear()
             self._always = None
+            self._random_rate = 0.0
             self.responder_errors.clear()
 
     # -- observation ---------------------------------------------------------------------
@@ -839,7 +857,11 @@ class FakeOpenAIServer:
 
     def _take_fault(self) -> Fault | None:
         with self._lock:
-            return self._faults.popleft() if self._faults else self._always
+            if self._faults:
+                return self._faults.popleft()
+            if self._random_rate and self._random_rng.random() < self._random_rate:
+                return self._random_rng.choice(self._random_faults)
+            return self._always
 
     def _take_embedding_fault(self) -> Fault | None:
         with self._lock:
