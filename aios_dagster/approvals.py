@@ -119,8 +119,9 @@ def _cost_params(cost: ApprovalCost) -> dict[str, Any]:
     return {"so_far": cost.so_far_usd, "to_finish": cost.to_finish_usd, "basis": cost.basis}
 
 
-RejectionHook = Callable[[Approval, StagedPayload], object]
-"""Told of each rejection (the decided approval and its payload), e.g. the retraining queue."""
+DecisionHook = Callable[[Approval, StagedPayload], object]
+"""Told of a decision (the decided approval and its payload), e.g. the retraining queue."""
+RejectionHook = DecisionHook
 
 
 class ApprovalDesk:
@@ -133,7 +134,8 @@ class ApprovalDesk:
         audit: AuditLog,
         *,
         drafts_dir: Path,
-        on_reject: RejectionHook | None = None,
+        on_reject: DecisionHook | None = None,
+        on_approve: DecisionHook | None = None,
     ) -> None:
         self.ledger = ledger
         self.staging_dir = staging_dir
@@ -141,6 +143,8 @@ class ApprovalDesk:
         self.audit = audit
         # A rejected payload is a training signal: the kernel hands it to the retraining queue.
         self.on_reject = on_reject
+        # An approval after a rejection is the operator's corrected version of the same work.
+        self.on_approve = on_approve
 
     def readable_copies(self, workflow: str, partition_key: str) -> tuple[Path, Path]:
         """Where the operator reads the latest staged draft of a work item (Markdown, HTML)."""
@@ -403,16 +407,17 @@ class ApprovalDesk:
         )
         decided = self.get(approval.approval_id)
         assert decided is not None
-        if not approve and self.on_reject is not None:
-            self._hand_over_rejection(self.on_reject, decided)
+        hook = self.on_approve if approve else self.on_reject
+        if hook is not None:
+            self._hand_over(hook, decided, "approval" if approve else "rejection")
         self.audit.flush()
         return decided
 
-    def _hand_over_rejection(self, hook: RejectionHook, decided: Approval) -> None:
-        """Give the rejected payload to the hook; the decision stands whatever the hook does.
+    def _hand_over(self, hook: DecisionHook, decided: Approval, what: str) -> None:
+        """Give the decided payload to the hook; the decision stands whatever the hook does.
 
-        The rejection is committed before this runs, so a hook failure (an altered staged
-        file, a full disk) must not reach the operator as a failed rejection: it is audited.
+        The decision is committed before this runs, so a hook failure (an altered staged
+        file, a full disk) must not reach the operator as a failed decision: it is audited.
         """
         try:
             hook(decided, self.load_payload(decided))
@@ -421,9 +426,9 @@ class ApprovalDesk:
                 decided.workflow,
                 decided.partition_key,
                 approval_id=decided.approval_id,
-                decision="rejection not handed over",
+                decision=f"{what} not handed over",
                 actor="system",
-                reason=f"the rejection hook failed: {type(exc).__name__}: {exc}",
+                reason=f"the {what} hook failed: {type(exc).__name__}: {exc}",
                 run_id=decided.requested_by_run,
             )
 

@@ -185,6 +185,7 @@ class Kernel:
             audit,
             drafts_dir=paths.drafts,
             on_reject=training.record_rejection,
+            on_approve=training.record_approval,
         )
         return cls(
             config=config,

@@ -248,3 +248,56 @@ def test_the_operator_sees_and_resets_an_open_breaker(config_path: Path, kernel:
     assert kernel.breakers.admit(name) is False  # calls flow again
     [reset] = _decisions(kernel, "operator:test")
     assert reset["decision"] == "reset to closed"
+
+
+def _step_events(result: Any, event_type: str) -> list[Any]:
+    return [e for e in result.all_events if e.event_type_value == event_type]
+
+
+def test_a_budget_pause_stops_the_step_without_a_dagster_retry(tmp_path: Path) -> None:
+    with FakeOpenAIServer() as server:
+        path = write_config(
+            tmp_path,
+            {
+                "llm": {"endpoint": {"base_url": server.base_url}},
+                "policy": {
+                    "budgets": {"run_usd": 0.000001},
+                    "on_budget_exceeded": {"newsletter": "pause"},
+                },
+            },
+        )
+        result = materialize(path, UP_TO_APPROVAL)
+        assert server.completions == []  # refused before any request
+
+    assert not result.success
+    [failure] = _step_events(result, "STEP_FAILURE")
+    assert failure.step_key == "newsletter__outline"
+    message = str(failure.event_specific_data.error.message)
+    assert "planner paused" in message and "run budget" in message
+    assert _step_events(result, "STEP_UP_FOR_RETRY") == []  # a pause is not retried
+    kernel = Kernel.build(load_config(path))
+    [paused] = [d for d in _decisions(kernel, "policy") if d["decision"] == "pause"]
+    assert "would pass a budget" in paused["reason"]
+
+
+def test_an_unexpected_step_error_is_retried_by_dagster(
+    config_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from assets.newsletter import assets as newsletter_assets
+
+    real = newsletter_assets.gather_sources
+    calls: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("the feeds folder is on a disk that just hiccuped")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(newsletter_assets, "gather_sources", flaky)
+    result = materialize(config_path, "key:newsletter/sources")
+
+    assert result.success
+    assert len(calls) == 2
+    [retry] = _step_events(result, "STEP_UP_FOR_RETRY")
+    assert retry.step_key == "newsletter__sources"

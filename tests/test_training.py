@@ -269,12 +269,26 @@ def test_a_rejection_lands_in_the_queue_with_its_payload_and_reason(kernel: Kern
     assert example.system_prompt.startswith(UNRECORDED_PROMPT_TAG)
     assert example.user_prompt == "Indie Makers Weekly\n\nPricing, churn and one launch."
 
-    # Approving never queues anything.
+    # Approving queues nothing new, but an approval of the same issue after a rejection is the
+    # operator's corrected version: it completes the example, which becomes trainable.
+    assert _export(kernel.training) == []
     other = kernel.approvals.request(
         _payload("# Another issue"), execute_job="publish_issue", run_id="run-43", cost=NO_COST
     )
     kernel.approvals.decide(other.approval_id, approve=True, actor="operator:test")
-    assert len(kernel.training.list()) == 1
+    (corrected,) = kernel.training.list()
+    assert corrected.example_id == example.example_id
+    assert corrected.corrected_output == "# Another issue"
+    [line] = _export(kernel.training)
+    assert line["messages"][-1] == {"role": "assistant", "content": "# Another issue"}
+    # An approval of another issue corrects nothing.
+    elsewhere = kernel.approvals.request(
+        _payload("# Next week").model_copy(update={"partition_key": "2026-11-30"}),
+        execute_job="publish_issue",
+        cost=NO_COST,
+    )
+    kernel.approvals.decide(elsewhere.approval_id, approve=True, actor="operator:test")
+    assert [e.corrected_output for e in kernel.training.list()] == ["# Another issue"]
 
 
 def test_a_rejection_uses_the_prompt_the_payload_carries(kernel: Kernel) -> None:

@@ -289,6 +289,22 @@ class TrainingQueue:
             run_id=approval.requested_by_run,
         )
 
+    def record_approval(self, approval: Approval, payload: StagedPayload) -> list[str]:
+        """Attach an approved payload as the correction of the same work's earlier rejections.
+
+        The ApprovalDesk calls this (its `on_approve` hook). A rejection followed by an approval
+        of the same workflow item and action is the operator saying "not that, this": the
+        approved Markdown is the corrected output of each still-uncorrected rejection. Returns
+        the ids of the examples it completed.
+        """
+        completed: builtins.list[str] = []
+        for example in self.list(approval.workflow, "operator_rejection", only_uncorrected=True):
+            if example.partition_key != approval.partition_key or example.step != "approval":
+                continue
+            self.record_correction(example.example_id, payload.markdown)
+            completed.append(example.example_id)
+        return completed
+
     def record_correction(self, example_id: str, corrected_output: str) -> QueuedExample:
         """Attach (or replace) the corrected output of an example; returns the updated example.
 
