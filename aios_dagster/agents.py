@@ -303,6 +303,14 @@ class AgentRuntime:
             high_value=high_value or role_policy.high_value or work.role.high_value,
             verify_allowed=verify_allowed,
         )
+        if not verdict.verify and not draft.passes:
+            # A failed check escalates whenever the verify tier may run (decide_verify); here it
+            # may not, and the draft had its one repair on its own tier: fall back, without
+            # auditing a "keep draft" that did not happen.
+            raise _Fallback(
+                f"the {draft.tier} output still fails {_names(draft.failed_checks)}"
+                " after its repair attempt"
+            )
         self._decide(work, "verify" if verdict.verify else "keep draft", verdict.reason, verdict)
         if not verdict.verify:
             return self._finish(work, draft, confidence=verdict.confidence)
@@ -396,13 +404,14 @@ class AgentRuntime:
                 raise _Fallback(
                     f"the {tier} answer does not fit the schema after a repair attempt: {again}"
                 ) from again
-            return self._judged(reply, work, tier, repaired=True)
-        product = self._judged(reply, work, tier)
+            return self._queued_if_failing(
+                self._judged(reply, work, tier, repaired=True), work, retry
+            )
+        product = self._queued_if_failing(self._judged(reply, work, tier), work, prompt)
         if product.passes or not repair_checks:
-            return product
+            return product  # a failing one goes to the verify tier, its repair
         problems = [f"{c.name}: {c.detail}" for c in product.failed_checks]
         bad = product.output.model_dump_json()
-        self._queue(work, "check_failure", "; ".join(problems), prompt, bad, tier)
         self._decide(work, "repair", f"the {tier} answer fails {_names(product.failed_checks)}")
         retry = repair_prompt(prompt, bad, problems)
         try:
@@ -410,17 +419,22 @@ class AgentRuntime:
         except LLMOutputInvalid as exc:
             self._queue(work, "schema_failure", str(exc), retry, exc.output_text, tier)
             raise _Fallback(f"the {tier} repair answer does not fit the schema: {exc}") from exc
-        repaired = self._judged(reply, work, tier, repaired=True)
-        if not repaired.passes:
+        return self._queued_if_failing(self._judged(reply, work, tier, repaired=True), work, retry)
+
+    def _queued_if_failing(
+        self, product: _Product[OutputT], work: _Work[InputT, OutputT], prompt: Prompt
+    ) -> _Product[OutputT]:
+        """Every output that fails a check is a retraining example, whatever happens next."""
+        if not product.passes:
             self._queue(
                 work,
                 "check_failure",
-                "; ".join(f"{c.name}: {c.detail}" for c in repaired.failed_checks),
-                retry,
-                repaired.output.model_dump_json(),
-                tier,
+                "; ".join(f"{c.name}: {c.detail}" for c in product.failed_checks),
+                prompt,
+                product.output.model_dump_json(),
+                product.tier,
             )
-        return repaired
+        return product
 
     def _call(self, work: _Work[InputT, OutputT], tier: str, prompt: Prompt) -> ModelReply[OutputT]:
         try:

@@ -115,6 +115,10 @@ class Redactor:
         return value
 
 
+MAX_BUFFERED_ROWS = 2_000
+"""Rows an audit log holds in memory before it moves them to the spool (see `_spool_buffer`)."""
+
+
 class AuditLog:
     """Buffered writer of audit rows into the warehouse, with a spool for lock contention."""
 
@@ -140,6 +144,9 @@ class AuditLog:
         row = self.redactor.scrub(record.model_dump())
         with self._lock:
             self._calls.append(row)
+            full = len(self._calls) + len(self._events) >= MAX_BUFFERED_ROWS
+        if full:
+            self._spool_buffer()
 
     def record(self, event: AuditEvent) -> None:
         """Buffer one decision/quarantine/approval/effect event."""
@@ -148,6 +155,18 @@ class AuditLog:
         row["detail"] = json.dumps(row["detail"], default=str)
         with self._lock:
             self._events.append(row)
+            full = len(self._calls) + len(self._events) >= MAX_BUFFERED_ROWS
+        if full:
+            self._spool_buffer()
+
+    def _spool_buffer(self) -> None:
+        """Move a full buffer to the spool: memory stays bounded in a long step, and no call
+        waits for the warehouse lock; the next flush ingests the spool in order."""
+        with self._lock:
+            calls, self._calls = self._calls, []
+            events, self._events = self._events, []
+        if calls or events:
+            self._spool(calls, events)
 
     def note(
         self,

@@ -288,12 +288,21 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
+SQLITE_POOL_SIZE = 32
+"""Connections a process keeps open to the SQLite ledger (cheap: a file handle and a cache)."""
+
+
 def _sqlite_engine(path: Path) -> Engine:
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
         f"sqlite:///{path}",
         connect_args={"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
         pool_pre_ping=False,
+        # Enough pooled connections for a step's worker threads: past pool_size, every
+        # checkout opens a fresh connection (file open, WAL and pragmas) and closes it after,
+        # which under 32 concurrent model calls cost more CPU than the transactions did.
+        pool_size=SQLITE_POOL_SIZE,
+        max_overflow=SQLITE_POOL_SIZE,
     )
 
     @event.listens_for(engine, "connect")

@@ -33,3 +33,6 @@ def test_verify_runs_below_the_threshold_or_for_high_value_actions() -> None:
     assert low.verify and "below 0.70" in low.reason
     assert decide_verify(sure, threshold=0.7, high_value=True).verify
     assert not decide_verify(unsure, threshold=0.7, high_value=True, verify_allowed=False).verify
+    # A failed check always escalates, however low the threshold.
+    waved = decide_verify(unsure, threshold=0.1, high_value=False)
+    assert waved.verify and waved.reason == "2 of 3 checks failed"

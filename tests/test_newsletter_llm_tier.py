@@ -349,7 +349,7 @@ def test_a_fooled_model_cannot_get_an_injected_link_to_the_gate(
 
     # Each bad output is a retraining example with the prompt that produced it.
     examples = _queued(kernel, "drafter")
-    assert [e.reason for e in examples] == ["check_failure"] * 2
+    assert [e.reason for e in examples] == ["check_failure"] * 3  # draft, verify, repair
     assert all(EVIL in (e.bad_output or "") for e in examples)
     decisions = [
         (e["actor"], e["decision"]) for e in _events(kernel, "decision") if e["actor"] == "policy"

@@ -516,3 +516,20 @@ def test_cli_audit_events_waits_out_a_held_lock(
     assert result.exit_code == 0, result.output
     assert "seen-by-the-operator" in result.output
     assert "lock" not in result.output.lower()
+
+
+def test_a_long_step_never_holds_more_than_the_buffer_limit_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aios_dagster import audit as audit_module
+
+    monkeypatch.setattr(audit_module, "MAX_BUFFERED_ROWS", 10)
+    path = tmp_path / "warehouse.duckdb"
+    audit = AuditLog(Warehouse(path), tmp_path / "audit_spool")
+    for n in range(25):
+        audit.record(_event(f"row-{n}"))
+        assert audit.pending() < 10
+    assert len(list((tmp_path / "audit_spool").glob("*.jsonl"))) == 2  # 20 rows moved out
+    audit.flush()
+    rows = audit.warehouse.query("SELECT subject FROM audit.events")
+    assert sorted(r["subject"] for r in rows) == sorted(f"row-{n}" for n in range(25))

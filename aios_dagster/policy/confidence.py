@@ -70,6 +70,11 @@ def decide_verify(
         verify, reason = True, "the action is high-value: always verified"
     elif confidence < threshold:
         verify, reason = True, f"confidence {confidence:.2f} is below {threshold:.2f}"
+    elif signals.checks_passed < signals.checks_total:
+        # A failed check is a known defect, not doubt: whatever the score, the verify tier
+        # (handed the failures) is the repair. A low threshold must not wave it through.
+        failed = signals.checks_total - signals.checks_passed
+        verify, reason = True, f"{failed} of {signals.checks_total} checks failed"
     else:
         verify, reason = False, f"confidence {confidence:.2f} meets {threshold:.2f}"
     return ConfidenceVerdict(

@@ -387,6 +387,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeOpenAI/1.0"
+    # Headers and body go out in separate writes: without TCP_NODELAY each answer waits ~40 ms
+    # for the client's delayed ACK, which "zero latency" must not include.
+    disable_nagle_algorithm = True
     timeout: ClassVar[float] = 30.0  # idle keep-alive connections end eventually
     server: _Server
 
