@@ -23,7 +23,7 @@ from aios_dagster.memory.cold_store import ColdStore
 from aios_dagster.memory.facts import FactStore
 from aios_dagster.memory.working_set import WorkingSet
 from aios_dagster.policy.breakers import CircuitBreakers
-from aios_dagster.policy.budgets import Budgets
+from aios_dagster.policy.budgets import Budgets, LeasePolicy
 from aios_dagster.policy.engine import ModelCaller
 from aios_dagster.policy.training import TrainingQueue
 from aios_dagster.published import PublishedWork
@@ -174,7 +174,7 @@ class Kernel:
         gateway = LLMGateway(
             config.llm, api_key=llm_api_key, audit=audit, retries=config.policy.retries
         )
-        budgets = Budgets(ledger, config.policy.budgets, audit=audit)
+        budgets = Budgets(ledger, config.policy.budgets, audit=audit, lease=LeasePolicy())
         breakers = CircuitBreakers(ledger, config.policy.breakers, audit=audit)
         cold_store = ColdStore(paths.cold_store)
         # An operator's rejection lands in the retraining queue with the rejected payload.

@@ -65,4 +65,5 @@ class AiosKernel(dg.ConfigurableResource):  # type: ignore[type-arg]
         with _kernels_lock:
             kernels = list(_kernels.values())
         for kernel in kernels:
+            kernel.budgets.flush()  # this step's budget leases, settled at what they spent
             kernel.audit.flush()

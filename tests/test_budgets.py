@@ -37,6 +37,7 @@ from aios_dagster.policy.budgets import (
     BudgetError,
     BudgetExceeded,
     Budgets,
+    LeasePolicy,
     micros_nearest,
     micros_up,
 )
@@ -56,11 +57,12 @@ import json, random, sys, threading
 from datetime import datetime
 from aios_dagster.config import BudgetSettings
 from aios_dagster.ledger import Ledger
-from aios_dagster.policy.budgets import BudgetExceeded, Budgets
+from aios_dagster.policy.budgets import BudgetExceeded, Budgets, LeasePolicy
 
 spec = json.loads(sys.argv[1])
 now = datetime.fromisoformat(spec["now"])
-budgets = Budgets(Ledger(spec["url"]), BudgetSettings(**spec["settings"]), clock=lambda: now)
+budgets = Budgets(Ledger(spec["url"]), BudgetSettings(**spec["settings"]), clock=lambda: now,
+                  lease=LeasePolicy() if spec.get("lease") else None)
 if spec["mode"] == "hold":
     held = budgets.reserve(workflow=spec["workflow"], run_id=spec["run_id"], purpose="held",
                            model="m", amount_usd=spec["amount"])
@@ -112,6 +114,7 @@ sys.stdin.readline()
 go.set()
 for thread in threads:
     thread.join()
+budgets.flush()  # leases closed before the parent reads the ledger
 print(json.dumps(totals), flush=True)
 """
 
@@ -215,12 +218,20 @@ class Child:
 
 
 def hold_in_child(
-    url: str, *, amount: float, run_id: str, limits: dict[str, Any], now: datetime = NOW
+    url: str,
+    *,
+    amount: float,
+    run_id: str,
+    limits: dict[str, Any],
+    now: datetime = NOW,
+    lease: bool = False,
 ) -> Child:
-    """Another process that reserved `amount` and is still alive, holding it."""
+    """Another process that reserved `amount` (from a lease, if `lease`) and is still alive,
+    holding it."""
     child = Child(
         {
             "mode": "hold",
+            "lease": lease,
             "url": url,
             "settings": {"run_usd": None, "workflow_day_usd": None, "month_usd": None, **limits},
             "now": now.isoformat(),
@@ -550,15 +561,24 @@ def _fixed(moment: datetime) -> datetime:
     return moment
 
 
-def race(url: str, *, rounds: int = 3, processes: int = 2, threads: int = 16) -> None:
+def race(
+    url: str,
+    *,
+    rounds: int = 3,
+    processes: int = 2,
+    threads: int = 16,
+    lease: bool = False,
+    year: int = 2027,
+) -> None:
     """`processes` x `threads` concurrent reserve/settle/release cycles, released together,
-    against a month budget with a few cents left; spend must end at or under it every round."""
+    against a month budget with a few cents left; spend must end at or under it every round.
+    With `lease`, the children serve their calls from budget leases."""
     ledger = Ledger(url)
     ledger.migrate()
     limit_usd = 0.25
     limits = {"run_usd": None, "workflow_day_usd": None, "month_usd": limit_usd}
     for round_no in range(rounds):
-        now = datetime(2027, 1 + round_no, 15, 12, tzinfo=UTC)
+        now = datetime(year, 1 + round_no, 15, 12, tzinfo=UTC)
         month = f"month:{now:%Y-%m}"
         budgets = Budgets(ledger, BudgetSettings(**limits), clock=functools.partial(_fixed, now))
         # Nearly exhausted: all but 2 cents is spent already.
@@ -570,6 +590,7 @@ def race(url: str, *, rounds: int = 3, processes: int = 2, threads: int = 16) ->
             Child(
                 {
                     "mode": "race",
+                    "lease": lease,
                     "url": url,
                     "settings": limits,
                     "now": now.isoformat(),
@@ -600,7 +621,8 @@ def race(url: str, *, rounds: int = 3, processes: int = 2, threads: int = 16) ->
         assert reserved + refused == processes * threads * 12
         settled, held, abandoned = totals(ledger)[month]
         print(
-            f"[budget race] {ledger.engine.dialect.name} round {round_no}: {reserved} reserved, "
+            f"[budget race] {ledger.engine.dialect.name} lease={lease} round {round_no}: "
+            f"{reserved} reserved, "
             f"{refused} refused, month spend ${settled / 1e6:.6f} of ${limit_usd}; peak committed "
             f"${peak.highest / 1e6:.6f} over {peak.samples} samples",
             file=sys.stderr,
@@ -614,13 +636,17 @@ def race(url: str, *, rounds: int = 3, processes: int = 2, threads: int = 16) ->
     ledger.dispose()
 
 
-def test_concurrent_processes_never_pass_a_nearly_exhausted_budget_sqlite(ledger: Ledger) -> None:
-    race(ledger.url)
+@pytest.mark.parametrize("lease", [False, True], ids=["per-call", "leased"])
+def test_concurrent_processes_never_pass_a_nearly_exhausted_budget_sqlite(
+    ledger: Ledger, lease: bool
+) -> None:
+    race(ledger.url, lease=lease)
 
 
 @pytest.mark.postgres
 def test_concurrent_processes_never_pass_a_nearly_exhausted_budget_postgres(pg_url: str) -> None:
     race(pg_url)
+    race(pg_url, rounds=2, lease=True, year=2028)
     ledger = Ledger(pg_url)
     budgets = Budgets(ledger, settings(run_usd=0.1), clock=lambda: NOW)
     held = budgets.reserve(workflow=WF, run_id="pg", purpose="p", model="m", amount_usd=0.1)
@@ -636,6 +662,205 @@ def test_concurrent_processes_never_pass_a_nearly_exhausted_budget_postgres(pg_u
     assert [r.run_id for r in budgets.reconcile()] == ["pg-crash"]
     assert_totals_consistent(ledger)
     ledger.dispose()
+
+
+# -- leases -------------------------------------------------------------------------------------
+
+
+def count_transactions(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many write transactions reservations open from now on (budgets' only kind)."""
+    count = [0]
+    real = ledger.driver_transaction
+
+    def counted() -> Any:
+        count[0] += 1
+        return real()
+
+    monkeypatch.setattr(ledger, "driver_transaction", counted)
+    return count
+
+
+def rows(ledger: Ledger) -> list[tuple[str, str, str, int, int | None]]:
+    """Every reservation row: id, purpose, state, reserved and settled micro-dollars."""
+    with ledger.transaction() as tx:
+        found = tx.execute(
+            sa.text(
+                "SELECT reservation_id, purpose, state, reserved_micros, settled_micros"
+                " FROM budget_reservations ORDER BY created_at, reservation_id"
+            )
+        ).all()
+    return [(str(r[0]), str(r[1]), str(r[2]), int(r[3]), r[4]) for r in found]
+
+
+def test_leased_calls_hit_the_ledger_rarely_and_settle_exactly(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    budgets = Budgets(ledger, settings(month_usd=10.0), clock=lambda: NOW, lease=LeasePolicy())
+    month = "month:2026-11"
+    budgets.release(
+        budgets.reserve(workflow=WF, run_id="r1", purpose="warm", model="m", amount_usd=0.0)
+    )
+    budgets.flush()  # the scope rows exist: what follows is reservations only
+    transactions = count_transactions(ledger, monkeypatch)
+    spent = 0
+    for i in range(100):
+        held = budgets.reserve(
+            workflow=WF, run_id="r1", purpose="p", model=f"m{i % 3}", amount_usd=0.002
+        )
+        assert held.reservation_id.count("/") == 1 and held.reserved_usd == 0.002
+        assert held.scopes == ["run:r1", f"day:2026-11-26:{WF}", month]
+        if i % 5 == 4:
+            budgets.release(held)
+        else:
+            actual = 0.0001 * (1 + i % 7)
+            budgets.settle(held, actual)
+            spent += micros_nearest(actual)
+            budgets.settle(held, 0.0019)  # idempotent: the first settlement wins
+            budgets.release(held)  # a settled call stays settled
+    # A lease is 16 calls' worst case ($0.032); what calls do not spend goes back to it.
+    assert transactions[0] <= 3, transactions[0]
+    leases = rows(ledger)
+    assert {purpose for _, purpose, *_ in leases} == {"lease"}
+    assert sorted(reserved for *_, reserved, _ in leases) == [0, 32_000, 32_000]
+
+    # Reading the budgets closes the idle leases: the ledger says exactly what was spent.
+    assert line(budgets, month)["settled_usd"] == pytest.approx(spent / 1e6, abs=1e-12)
+    assert totals(ledger)[month] == (spent, 0, 0) and totals(ledger)["run:r1"] == (spent, 0, 0)
+    assert budgets.reservations(state="reserved") == []
+    assert sum(settled or 0 for *_, settled in rows(ledger)) == spent
+
+    # An overrun is booked at once, without waiting for a read or the lease to idle.
+    over = budgets.reserve(workflow=WF, run_id="r1", purpose="p", model="m", amount_usd=0.002)
+    budgets.settle(over, 0.5)
+    assert totals(ledger)[month] == (spent + 500_000, 0, 0)
+    budgets.settle(over, 0.7)  # still idempotent
+    assert totals(ledger)[month] == (spent + 500_000, 0, 0)
+
+    # A late settlement of a released call is booked, even after its lease closed.
+    late = budgets.reserve(workflow=WF, run_id="r1", purpose="p", model="m", amount_usd=0.002)
+    budgets.release(late)
+    budgets.flush()
+    budgets.settle(late, 0.001)
+    assert totals(ledger)[month] == (spent + 501_000, 0, 0)
+
+    with pytest.raises(BudgetError, match="no budget reservation"):
+        budgets.settle("bud_unknown/3", 0.1)
+    with pytest.raises(BudgetError, match="no budget reservation"):
+        budgets.release(f"{late.reservation_id.partition('/')[0]}/x")
+
+
+def test_a_lease_is_never_more_than_a_share_of_the_headroom_and_near_exhaustion_is_the_call(
+    ledger: Ledger,
+) -> None:
+    plain = Budgets(ledger, settings(month_usd=1.0, run_usd=0.5), clock=lambda: NOW)
+    leased = Budgets(
+        ledger, settings(month_usd=1.0, run_usd=0.5), clock=lambda: NOW, lease=LeasePolicy()
+    )
+    month = "month:2026-11"
+    # Plenty left: 16 calls' worth, at most 1/8 of the tightest budget's headroom ($0.5 run).
+    first = leased.reserve(workflow=WF, run_id="r1", purpose="p", model="m", amount_usd=0.001)
+    assert totals(ledger)[month] == (0, 16_000, 0)
+    big = leased.reserve(workflow=WF, run_id="r2", purpose="p", model="m", amount_usd=0.01)
+    assert totals(ledger)["run:r2"] == (0, 62_500, 0)  # 0.5 / 8, not 16 x 0.01
+    leased.settle(first, 0.001)
+    leased.settle(big, 0.01)
+    leased.flush()
+    for run, spend in (("r0", 0.449), ("r5", 0.49)):
+        plain.settle(
+            plain.reserve(workflow=WF, run_id=run, purpose="p", model="m", amount_usd=spend),
+            spend,
+        )
+    # 5 cents left in the month: a lease is exactly the call (no process holds the rest).
+    near = leased.reserve(workflow=WF, run_id="r3", purpose="p", model="m", amount_usd=0.01)
+    (lease_row,) = [r for r in rows(ledger) if r[2] == "reserved"]
+    assert lease_row[1] == "lease" and lease_row[3] == 10_000
+    assert totals(ledger)[month] == (950_000, 10_000, 0)
+    # The whole rest can still be taken by another process, per call.
+    rest = plain.reserve(workflow=WF, run_id="r4", purpose="p", model="m", amount_usd=0.04)
+    with pytest.raises(BudgetExceeded) as refused:
+        leased.reserve(workflow=WF, run_id="r3", purpose="p", model="m", amount_usd=0.000001)
+    assert refused.value.scope == month and refused.value.committed_usd == 1.0
+    leased.release(near)
+    plain.release(rest)
+
+
+def test_a_process_never_refuses_itself_because_of_its_own_leases(ledger: Ledger) -> None:
+    plain = Budgets(ledger, settings(month_usd=1.0), clock=lambda: NOW)
+    budgets = Budgets(ledger, settings(month_usd=1.0), clock=lambda: NOW, lease=LeasePolicy())
+    month = "month:2026-11"
+    plain.settle(
+        plain.reserve(workflow=WF, run_id="r0", purpose="p", model="m", amount_usd=0.8), 0.8
+    )
+    # An idle lease on the same run: 0.2 / 8 = $0.025 held, $0.01 of it spent.
+    budgets.settle(
+        budgets.reserve(workflow=WF, run_id="r1", purpose="p", model="m", amount_usd=0.01), 0.01
+    )
+    assert totals(ledger)[month] == (800_000, 25_000, 0)
+    # $0.175 is free in the ledger, $0.19 once the process's own idle lease is closed.
+    same_run = budgets.reserve(workflow=WF, run_id="r1", purpose="p", model="m", amount_usd=0.18)
+    assert totals(ledger)[month] == (810_000, 180_000, 0)
+    budgets.settle(same_run, 0.0)
+    budgets.flush()
+    assert totals(ledger)[month] == (810_000, 0, 0)
+
+    # Another run shares the month: a lease with a call in flight on r1 is shrunk to that call.
+    in_flight = budgets.reserve(workflow=WF, run_id="r1", purpose="p", model="m", amount_usd=0.01)
+    assert totals(ledger)[month] == (810_000, 23_750, 0)  # 0.19 / 8
+    other_run = budgets.reserve(workflow=WF, run_id="r2", purpose="p", model="m", amount_usd=0.18)
+    assert totals(ledger)[month] == (810_000, 190_000, 0)  # both calls, exactly
+    with pytest.raises(BudgetExceeded) as refused:  # and still never more than the budget
+        budgets.reserve(workflow=WF, run_id="r3", purpose="p", model="m", amount_usd=0.000001)
+    assert refused.value.scope == month and refused.value.committed_usd == 1.0
+    budgets.settle(in_flight, 0.004)  # its lease was retired: it closes as its last call ends
+    budgets.release(other_run)
+    assert budgets.headroom_usd(workflow=WF, run_id="r9") == pytest.approx(0.186)
+    assert totals(ledger)[month] == (814_000, 0, 0)
+
+
+def test_idle_leases_close_by_themselves_and_the_kernel_leases(
+    ledger: Ledger, kernel: Kernel
+) -> None:
+    assert kernel.budgets.lease is not None
+    budgets = Budgets(ledger, settings(), clock=lambda: NOW, lease=LeasePolicy(idle_seconds=0.2))
+    budgets.settle(
+        budgets.reserve(workflow=WF, run_id="r1", purpose="p", model="m", amount_usd=0.01), 0.004
+    )
+    assert totals(ledger)["month:2026-11"] == (0, 160_000, 0)
+    deadline = time.monotonic() + 10
+    while totals(ledger)["month:2026-11"] != (4_000, 0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert totals(ledger)["month:2026-11"] == (4_000, 0, 0)
+
+
+def test_a_killed_process_keeps_its_lease_counting_until_reconciled_and_released(
+    ledger: Ledger,
+) -> None:
+    limits = {"month_usd": 1.0}
+    budgets = Budgets(ledger, settings(**limits), clock=lambda: NOW, lease=LeasePolicy())
+    month = "month:2026-11"
+    child = hold_in_child(ledger.url, amount=0.01, run_id="run-crashed", limits=limits, lease=True)
+    try:
+        lease_id, _, number = child.reservation_id.partition("/")
+        assert number == "0"
+        assert totals(ledger)[month] == (0, 125_000, 0)  # 16 x 0.01, capped at 1.0 / 8
+        child.proc.send_signal(signal.SIGKILL)
+        assert child.proc.wait(timeout=30) == -signal.SIGKILL
+        # Dead but not reconciled: the whole lease still counts.
+        with pytest.raises(BudgetExceeded):
+            budgets.reserve(workflow=WF, run_id="r", purpose="d", model="m", amount_usd=0.9)
+        (abandoned,) = budgets.reconcile()
+        assert abandoned.reservation_id == lease_id and abandoned.purpose == "lease"
+        assert totals(ledger)[month] == (0, 0, 125_000)
+        assert budgets.spent_usd(run_id="run-crashed") == 0.125
+        with pytest.raises(BudgetExceeded):  # abandoned still counts in full
+            budgets.reserve(workflow=WF, run_id="r", purpose="d", model="m", amount_usd=0.9)
+        budgets.release_abandoned(lease_id, actor="op", note="not on the provider's bill")
+        budgets.settle(
+            budgets.reserve(workflow=WF, run_id="r", purpose="d", model="m", amount_usd=0.9), 0.5
+        )
+        assert line(budgets, month)["settled_usd"] == 0.5
+    finally:
+        child.stop()
 
 
 # -- the CLI --------------------------------------------------------------------------------------
