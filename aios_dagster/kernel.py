@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from aios_dagster.memory.semantic_index import SemanticIndex
 
 
+BREAKER_FRESH_SECONDS = 0.05
+"""How long a process reuses a breaker's closed-path read (see CircuitBreakers.fresh_seconds)."""
+
+
 @dataclass(frozen=True)
 class StatePaths:
     """Where each store lives inside the state directory."""
@@ -175,7 +179,9 @@ class Kernel:
             config.llm, api_key=llm_api_key, audit=audit, retries=config.policy.retries
         )
         budgets = Budgets(ledger, config.policy.budgets, audit=audit, lease=LeasePolicy())
-        breakers = CircuitBreakers(ledger, config.policy.breakers, audit=audit)
+        breakers = CircuitBreakers(
+            ledger, config.policy.breakers, audit=audit, fresh_seconds=BREAKER_FRESH_SECONDS
+        )
         cold_store = ColdStore(paths.cold_store)
         # An operator's rejection lands in the retraining queue with the rejected payload.
         training = TrainingQueue(ledger, audit, cold_store)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from aios_dagster.audit import AuditLog
 from aios_dagster.config import BreakerSettings
@@ -458,3 +459,41 @@ def test_status_lists_every_breaker_with_its_next_probe_time(
         1,
         None,
     )
+
+
+def test_a_recent_read_serves_many_calls_and_changes_made_here_are_seen_at_once(
+    ledger: Ledger, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached = CircuitBreakers(ledger, SETTINGS, clock=clock, fresh_seconds=60)
+    reads: list[str] = []
+    real_read = cached._read
+
+    def counted(name: str) -> Any:
+        reads.append(name)
+        return real_read(name)
+
+    monkeypatch.setattr(cached, "_read", counted)
+    for _ in range(100):
+        assert cached.admit(LLM) is False
+        cached.record_success(LLM)
+    assert len(reads) == 1  # one ledger read served the closed path of 100 calls
+
+    # A change made in this process, by any instance, is seen at once.
+    other = CircuitBreakers(ledger, SETTINGS, clock=clock, fresh_seconds=60)
+    _open(other)
+    with pytest.raises(BreakerOpen):
+        cached.admit(LLM)
+
+    # A change made elsewhere (another process) is seen once the recent read is stale.
+    with ledger.transaction() as tx:
+        tx.execute(
+            sa.text(
+                "UPDATE circuit_breakers SET state = 'closed', consecutive_failures = 0"
+                " WHERE breaker = :b"
+            ),
+            {"b": LLM},
+        )
+    with pytest.raises(BreakerOpen):
+        cached.admit(LLM)  # still this process's read of a moment ago
+    cached.fresh_seconds = 0
+    assert cached.admit(LLM) is False
