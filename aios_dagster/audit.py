@@ -71,6 +71,24 @@ class LLMCallRecord(BaseModel):
     run_id: str | None
 
 
+class EffectCost(BaseModel):
+    """Money a connector's provider charged for an effect (a payment's fee), kept beside the
+    model spend so a workflow's cost is one query."""
+
+    cost_id: str = Field(default_factory=lambda: new_id("cost"))
+    occurred_at: datetime = Field(default_factory=_now)
+    workflow: str
+    partition_key: str | None
+    step: str
+    connector: str
+    action: str
+    idempotency_key: str
+    provider_id: str | None
+    kind: str = "fee"
+    amount_usd: float = Field(ge=0)
+    run_id: str | None
+
+
 EventKind = Literal["decision", "quarantine", "approval", "effect", "fallback"]
 
 
@@ -115,6 +133,12 @@ class Redactor:
         return value
 
 
+LLM_CALLS = "audit.llm_calls"
+EVENTS = "audit.events"
+EFFECT_COSTS = "audit.effect_costs"
+AUDIT_TABLES = (LLM_CALLS, EVENTS, EFFECT_COSTS)
+"""The warehouse tables the audit writes, in the order a flush inserts them."""
+
 MAX_BUFFERED_ROWS = 2_000
 """Rows an audit log holds in memory before it moves them to the spool (see `_spool_buffer`)."""
 
@@ -134,39 +158,41 @@ class AuditLog:
         self.spool_dir = spool_dir
         self.redactor = redactor or Redactor()
         self.flush_wait_seconds = flush_wait_seconds
-        self._calls: list[dict[str, Any]] = []
-        self._events: list[dict[str, Any]] = []
+        self._buffers: dict[str, list[dict[str, Any]]] = {table: [] for table in AUDIT_TABLES}
         self._lock = threading.Lock()
 
     def record_call(self, record: LLMCallRecord) -> None:
         """Buffer one LLM call row."""
         # Every text field, not only prompt/output/error: a secret can land anywhere.
-        row = self.redactor.scrub(record.model_dump())
-        with self._lock:
-            self._calls.append(row)
-            full = len(self._calls) + len(self._events) >= MAX_BUFFERED_ROWS
-        if full:
-            self._spool_buffer()
+        self._buffer(LLM_CALLS, self.redactor.scrub(record.model_dump()))
+
+    def record_cost(self, cost: EffectCost) -> None:
+        """Buffer one cost a connector's provider charged (a payment fee), next to LLM spend."""
+        self._buffer(EFFECT_COSTS, self.redactor.scrub(cost.model_dump()))
 
     def record(self, event: AuditEvent) -> None:
         """Buffer one decision/quarantine/approval/effect event."""
         # Subject, actor, decision and step are audited text too (a URL with a key, an error).
         row = self.redactor.scrub(event.model_dump())
         row["detail"] = json.dumps(row["detail"], default=str)
+        self._buffer(EVENTS, row)
+
+    def _buffer(self, table: str, row: dict[str, Any]) -> None:
         with self._lock:
-            self._events.append(row)
-            full = len(self._calls) + len(self._events) >= MAX_BUFFERED_ROWS
+            self._buffers[table].append(row)
+            full = sum(len(rows) for rows in self._buffers.values()) >= MAX_BUFFERED_ROWS
         if full:
             self._spool_buffer()
+
+    def _take(self) -> dict[str, list[dict[str, Any]]]:
+        with self._lock:
+            taken, self._buffers = self._buffers, {table: [] for table in AUDIT_TABLES}
+        return taken
 
     def _spool_buffer(self) -> None:
         """Move a full buffer to the spool: memory stays bounded in a long step, and no call
         waits for the warehouse lock; the next flush ingests the spool in order."""
-        with self._lock:
-            calls, self._calls = self._calls, []
-            events, self._events = self._events, []
-        if calls or events:
-            self._spool(calls, events)
+        self._spool(self._take())
 
     def note(
         self,
@@ -198,23 +224,22 @@ class AuditLog:
     def pending(self) -> int:
         """Rows buffered and not yet flushed."""
         with self._lock:
-            return len(self._calls) + len(self._events)
+            return sum(len(rows) for rows in self._buffers.values())
 
     def flush(self) -> None:
         """Write buffered rows (and any spooled rows) to the warehouse, or spool them."""
-        with self._lock:
-            calls, self._calls = self._calls, []
-            events, self._events = self._events, []
-        if not calls and not events and not self._spooled_files() and not self._claimed_files():
+        taken = self._take()
+        nothing = not any(taken.values())
+        if nothing and not self._spooled_files() and not self._claimed_files():
             return
         original_wait = self.warehouse.lock_wait_seconds
         self.warehouse.lock_wait_seconds = self.flush_wait_seconds
         try:
             self._ingest_spool()
-            self.warehouse.insert_rows("audit.llm_calls", calls)
-            self.warehouse.insert_rows("audit.events", events)
+            for table, rows in taken.items():
+                self.warehouse.insert_rows(table, rows)
         except WarehouseBusy:
-            self._spool(calls, events)
+            self._spool(taken)
         finally:
             self.warehouse.lock_wait_seconds = original_wait
 
@@ -230,19 +255,17 @@ class AuditLog:
             return []
         return sorted(self.spool_dir.glob("*.ingesting-*"))
 
-    def _spool(self, calls: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
-        if not calls and not events:
+    def _spool(self, rows_by_table: dict[str, list[dict[str, Any]]]) -> None:
+        if not any(rows_by_table.values()):
             return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         name = f"{_now():%Y%m%dT%H%M%S}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         partial = self.spool_dir / f"{name}.partial"
         with partial.open("w", encoding="utf-8") as handle:
-            for row in calls:
-                handle.write(json.dumps({"table": "audit.llm_calls", "row": row}, default=str))
-                handle.write("\n")
-            for row in events:
-                handle.write(json.dumps({"table": "audit.events", "row": row}, default=str))
-                handle.write("\n")
+            for table, rows in rows_by_table.items():
+                for row in rows:
+                    handle.write(json.dumps({"table": table, "row": row}, default=str))
+                    handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
         partial.rename(self.spool_dir / f"{name}.jsonl")
@@ -269,7 +292,7 @@ class AuditLog:
                 path.rename(claimed)
             except FileNotFoundError:
                 continue  # another process took it
-            tables: dict[str, list[dict[str, Any]]] = {"audit.llm_calls": [], "audit.events": []}
+            tables: dict[str, list[dict[str, Any]]] = {table: [] for table in AUDIT_TABLES}
             for line in claimed.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     item = json.loads(line)

@@ -73,6 +73,22 @@ SCHEMA_STATEMENTS: tuple[str, ...] = (
         run_id VARCHAR
     )
     """,
+    """
+    CREATE TABLE IF NOT EXISTS audit.effect_costs (
+        cost_id VARCHAR PRIMARY KEY,
+        occurred_at TIMESTAMPTZ NOT NULL,
+        workflow VARCHAR NOT NULL,
+        partition_key VARCHAR,
+        step VARCHAR NOT NULL,
+        connector VARCHAR NOT NULL,
+        action VARCHAR NOT NULL,
+        idempotency_key VARCHAR NOT NULL,
+        provider_id VARCHAR,
+        kind VARCHAR NOT NULL,
+        amount_usd DOUBLE NOT NULL,
+        run_id VARCHAR
+    )
+    """,
 )
 
 

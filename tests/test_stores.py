@@ -533,3 +533,86 @@ def test_a_long_step_never_holds_more_than_the_buffer_limit_in_memory(
     audit.flush()
     rows = audit.warehouse.query("SELECT subject FROM audit.events")
     assert sorted(r["subject"] for r in rows) == sorted(f"row-{n}" for n in range(25))
+
+
+def test_connector_costs_are_audited_beside_model_spend_and_spooled_like_the_rest(
+    tmp_path: Path, lock_seen: threading.Event
+) -> None:
+    from aios_dagster.audit import EffectCost
+
+    path = tmp_path / "warehouse.duckdb"
+    Warehouse(path).ensure_schema()
+    audit = AuditLog(Warehouse(path), tmp_path / "audit_spool", flush_wait_seconds=0.3)
+    fee = EffectCost(
+        workflow="saas",
+        partition_key="2026-11-23",
+        step="billing/charge",
+        connector="payments",
+        action="charge",
+        idempotency_key="idem_1",
+        provider_id="pi_1",
+        amount_usd=0.59,
+        run_id="run-1",
+    )
+    audit.record_cost(fee)
+    with holding_lock(path):
+        audit.flush()  # spooled, not lost
+        assert lock_seen.is_set() and audit.pending() == 0
+    audit.flush()
+    rows = audit.warehouse.query(
+        "SELECT connector, action, idempotency_key, provider_id, kind, amount_usd"
+        " FROM audit.effect_costs"
+    )
+    assert rows == [
+        {
+            "connector": "payments",
+            "action": "charge",
+            "idempotency_key": "idem_1",
+            "provider_id": "pi_1",
+            "kind": "fee",
+            "amount_usd": 0.59,
+        }
+    ]
+
+
+def test_aios_audit_spend_shows_model_spend_and_fees_per_workflow_day(
+    config_path: Path, kernel: Any
+) -> None:
+    from typer.testing import CliRunner
+
+    from aios_dagster.audit import EffectCost
+    from aios_dagster.cli.main import app
+
+    kernel.audit.record_call(
+        LLMCallRecord(
+            workflow="saas",
+            partition_key=None,
+            step="support/reply",
+            role="replier",
+            tier="draft",
+            model="gpt-4o-mini",
+            status="ok",
+            prompt="p",
+            output="o",
+            cost_usd=0.25,
+            run_id=None,
+        )
+    )
+    kernel.audit.record_cost(
+        EffectCost(
+            workflow="saas",
+            partition_key=None,
+            step="billing/charge",
+            connector="payments",
+            action="charge",
+            idempotency_key="idem_2",
+            provider_id="pi_2",
+            amount_usd=0.59,
+            run_id=None,
+        )
+    )
+    kernel.audit.flush()
+    result = CliRunner().invoke(app, ["--config", str(config_path), "audit", "spend"])
+    assert result.exit_code == 0, result.output
+    [line] = [row for row in result.output.splitlines() if "saas" in row]
+    assert "$0.2500" in line and "$0.5900" in line and "$0.8400" in line

@@ -73,3 +73,39 @@ def calls(limit: Annotated[int, typer.Option("-n", help="How many, newest first.
             f"{row['latency_ms']:.0f}",
         )
     console.print(table)
+
+
+@app.command("spend")
+def spend(
+    days: Annotated[int, typer.Option(help="How many days back, today included.")] = 30,
+) -> None:
+    """What each workflow spent per day: model calls and providers' fees, side by side."""
+    _, kernel = load()
+    kernel.audit.flush()
+    try:
+        rows = kernel.warehouse.query(
+            "WITH spend AS ("
+            " SELECT CAST(occurred_at AS DATE) AS day, workflow, cost_usd AS model_usd,"
+            " 0.0 AS fees_usd FROM audit.llm_calls"
+            " UNION ALL"
+            " SELECT CAST(occurred_at AS DATE), workflow, 0.0, amount_usd FROM audit.effect_costs)"
+            " SELECT day, workflow, sum(model_usd) AS model_usd, sum(fees_usd) AS fees_usd"
+            " FROM spend WHERE day > current_date - ?::INTEGER"
+            " GROUP BY day, workflow ORDER BY day DESC, workflow",
+            [days],
+        )
+    except WarehouseBusy as exc:
+        raise fail(f"{exc}; try again in a moment") from None
+    if not rows:
+        console.print(f"Nothing spent in the last {days} days.")
+        return
+    table = Table("day", "workflow", "models", "provider fees", "total")
+    for row in rows:
+        table.add_row(
+            str(row["day"]),
+            row["workflow"],
+            f"${row['model_usd']:.4f}",
+            f"${row['fees_usd']:.4f}",
+            f"${row['model_usd'] + row['fees_usd']:.4f}",
+        )
+    console.print(table)
