@@ -388,3 +388,55 @@ def test_titles_and_reasons_are_printed_as_text_not_markup(
     missing = runner.invoke(app, ["approvals", "show", "no-such-[/id]"])
     assert missing.exit_code == 1
     assert "no approval matches 'no-such-[/id]'" in missing.output
+
+
+def test_metrics_refresh_models_model_spend_and_provider_fees_per_workflow_day(
+    workspace: Workspace,
+) -> None:
+    from aios_dagster.audit import EffectCost, LLMCallRecord
+    from aios_dagster.config import load_config
+
+    kernel = Kernel.build(load_config(workspace.config))
+    for cost in (0.25, 0.05):
+        kernel.audit.record_call(
+            LLMCallRecord(
+                workflow="saas",
+                partition_key=None,
+                step="support/reply",
+                role="replier",
+                tier="draft",
+                model="gpt-4o-mini",
+                status="ok",
+                prompt="p",
+                output="o",
+                cost_usd=cost,
+                run_id=None,
+            )
+        )
+    kernel.audit.record_cost(
+        EffectCost(
+            workflow="saas",
+            partition_key=None,
+            step="billing/charge",
+            connector="payments",
+            action="charge",
+            idempotency_key="idem_3",
+            provider_id="pi_3",
+            amount_usd=0.59,
+            run_id=None,
+        )
+    )
+    kernel.audit.flush()
+
+    result = run_cli(
+        [tool("aios"), "run", "metrics_refresh"], cwd=workspace.root, env=workspace.env
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = kernel.warehouse.query(
+        "SELECT model_usd, model_calls, fees_usd, charges, total_usd"
+        " FROM metrics.spend_by_workflow_day WHERE workflow = 'saas'"
+    )
+    assert rows == [
+        {"model_usd": 0.3, "model_calls": 2, "fees_usd": 0.59, "charges": 1, "total_usd": 0.89}
+    ]

@@ -1,5 +1,6 @@
 """Real stand-ins for remote services, served on 127.0.0.1 for the test suite (no SDK mocks)."""
 
+from tests.fakes.cms_server import FakeGhostServer as FakeGhostServer
 from tests.fakes.openai_server import (
     FakeOpenAIServer,
     Fault,
@@ -12,6 +13,7 @@ from tests.fakes.openai_server import (
     prompt_tokens_for,
     schema_responder,
 )
+from tests.fakes.payments_server import FakePaymentsServer as FakePaymentsServer
 
 __all__ = [
     "FakeOpenAIServer",
