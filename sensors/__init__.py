@@ -1,6 +1,7 @@
 """Triggers: the schedules and sensors that start workflow runs."""
 
 from sensors.approvals import approved_actions_sensor
+from sensors.reconciler import stuck_effects_sensor
 from sensors.schedules import weekly_issue_schedule
 
-__all__ = ["approved_actions_sensor", "weekly_issue_schedule"]
+__all__ = ["approved_actions_sensor", "stuck_effects_sensor", "weekly_issue_schedule"]

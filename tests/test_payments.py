@@ -133,6 +133,26 @@ def test_a_charge_happens_once_and_its_fee_is_in_the_receipt(
     assert len(server.payment_intents) == 1
 
 
+def test_the_fee_is_booked_once_beside_model_spend(
+    server: FakePaymentsServer, payments: PaymentsConnector, intents: IntentLog
+) -> None:
+    request = _request()
+    for run in ("run-1", "run-2"):  # performed, then replayed
+        intents.execute(payments, request, lambda key: payments.charge(key, CHARGE), _context(run))
+    intents.audit.flush()
+    rows = intents.audit.warehouse.query(
+        "SELECT connector, action, idempotency_key, amount_usd FROM audit.effect_costs"
+    )
+    assert rows == [
+        {
+            "connector": "payments",
+            "action": request.action,
+            "idempotency_key": request.key,
+            "amount_usd": 0.88,
+        }
+    ]
+
+
 def test_a_500_before_commit_is_retried_and_charges_once(
     server: FakePaymentsServer, payments: PaymentsConnector, intents: IntentLog
 ) -> None:

@@ -13,6 +13,10 @@ failure the connector marked transient (`EffectFailed` with ``transient = True``
 performed) is retried under the retry policy, each attempt claiming the key again through the
 ledger, so leases and reconciliation work exactly as for a single attempt; `OutcomeUnknown` is
 never retried (only reconciliation may decide).
+
+A killed run may never be retried, so `reconcile_stuck` (run by the `stuck_effects` sensor) does
+the same reconciliation for every in-flight effect whose owner is dead or whose lease expired,
+without a run and without ever touching an effect a live process holds.
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import sqlalchemy as sa
 from pydantic import BaseModel
 
-from aios_dagster.audit import AuditEvent, AuditLog, StepContext
+from aios_dagster.audit import AuditEvent, AuditLog, EffectCost, StepContext
 from aios_dagster.config import RetrySettings
 from aios_dagster.connectors.base import (
     Connector,
@@ -96,6 +100,50 @@ class IntentRecord(BaseModel):
     provider_id: str | None
     last_error: str | None
     updated_at: str
+
+
+ReconcileVerdict = Literal["reconciled", "retryable", "needs_operator", "no_connector", "skipped"]
+"""What reconciliation did with one stuck effect: succeeded at the provider (`reconciled`), surely
+never happened (`retryable`, back to failed), unknowable (`needs_operator`), or left alone (no
+connector to ask, the provider could not be reached, or a run moved it meanwhile: `skipped`)."""
+
+NEVER_REACHED = "never reached the provider"
+
+
+class ReconciledEffect(BaseModel):
+    """One stuck effect and what reconciliation did with it."""
+
+    key: str
+    connector: str
+    action: str
+    target: str
+    verdict: ReconcileVerdict
+    provider_id: str | None = None
+    reason: str = ""
+
+
+class ReconcileReport(BaseModel):
+    """Every in-flight effect a reconciliation pass found stuck, with its verdict."""
+
+    effects: list[ReconciledEffect] = []
+
+    def count(self, verdict: ReconcileVerdict) -> int:
+        """How many stuck effects got this verdict."""
+        return sum(1 for effect in self.effects if effect.verdict == verdict)
+
+    def summary(self) -> str:
+        """One line for a sensor tick or a log: what was found and done."""
+        if not self.effects:
+            return "no effects stuck in flight"
+        phrases: list[tuple[ReconcileVerdict, str]] = [
+            ("reconciled", "reconciled"),
+            ("retryable", "never reached the provider (retryable)"),
+            ("needs_operator", "need the operator"),
+            ("no_connector", "left alone (no connector to ask)"),
+            ("skipped", "left alone (lookup failed or moved meanwhile)"),
+        ]
+        parts = [f"{n} {phrase}" for verdict, phrase in phrases if (n := self.count(verdict))]
+        return ", ".join(parts)
 
 
 class EffectNeedsOperator(RuntimeError):
@@ -516,4 +564,157 @@ class IntentLog:
             decision=state,
             reason=error or f"provider id {receipt.provider_id if receipt else '-'}",
             detail={"idempotency_key": key, "payload_hash": request.payload_hash},
+        )
+        fee = receipt.detail.get("fee_usd") if receipt is not None else None
+        if state == "succeeded" and isinstance(fee, int | float) and fee > 0:
+            # The provider's charge for the effect, beside the model spend. One row per key:
+            # a reconciled or re-recorded outcome never books the fee twice.
+            self.audit.record_cost(
+                EffectCost(
+                    cost_id=f"fee:{key}",
+                    workflow=context.workflow,
+                    partition_key=context.partition_key,
+                    step=context.step,
+                    connector=connector.name,
+                    action=request.action,
+                    idempotency_key=key,
+                    provider_id=receipt.provider_id if receipt is not None else None,
+                    amount_usd=float(fee),
+                    run_id=context.run_id,
+                )
+            )
+
+    def reconcile_stuck(
+        self,
+        connectors: Mapping[str, Connector],
+        *,
+        actor: str = "reconciler",
+        now: datetime | None = None,
+        limit: int = 100,
+    ) -> ReconcileReport:
+        """Resolve effects left in flight by a dead process, without waiting for a retry run.
+
+        A run killed mid-effect (SIGKILL, a lost machine, a run stuck STARTED forever) leaves its
+        intent in flight; only a retry of the same work would reconcile it, and none may come.
+        This pass does what that retry's claim would do, for every stuck intent: one whose lease
+        expired or whose owner process is dead (an effect whose lease is live under a living
+        owner is being performed right now and is never touched). The connector named by the
+        intent is asked `lookup(key)`: a receipt makes it succeeded (never performed again); None
+        means it surely never happened, so it becomes failed ("never reached the provider") and
+        the next run performs it once; `OutcomeUnknowable` (SMTP) puts it in front of the
+        operator, never resent blindly. An intent whose connector is not in `connectors`, or
+        whose lookup fails, is left in flight and reported.
+
+        Idempotent, and safe beside live executions: each verdict is written only if the intent
+        is still in flight exactly as it was read (same attempts and update time), so a run that
+        claimed it meanwhile keeps it.
+        """
+        current = now or datetime.now(UTC)
+        with self.ledger.transaction() as tx:
+            rows = (
+                tx.execute(
+                    sa.text(
+                        "SELECT idempotency_key, workflow, item_key, action, target, connector,"
+                        " payload_hash, attempts, lease_owner, lease_expires_at, updated_at,"
+                        " run_id FROM intents WHERE state = 'in_flight'"
+                        " ORDER BY updated_at LIMIT :n"
+                    ),
+                    {"n": limit},
+                )
+                .mappings()
+                .all()
+            )
+        report = ReconcileReport()
+        for row in rows:
+            lease_live = (row["lease_expires_at"] or "") > current.isoformat()
+            if lease_live and not _owner_is_dead(row["lease_owner"]):
+                continue  # a live process is performing it right now
+            report.effects.append(self._reconcile_one(dict(row), connectors, actor))
+        if report.effects:
+            self.audit.flush()
+        return report
+
+    def _reconcile_one(
+        self, row: dict[str, object], connectors: Mapping[str, Connector], actor: str
+    ) -> ReconciledEffect:
+        key, name = str(row["idempotency_key"]), str(row["connector"])
+        found = ReconciledEffect(
+            key=key,
+            connector=name,
+            action=str(row["action"]),
+            target=str(row["target"]),
+            verdict="skipped",
+        )
+        connector = connectors.get(name)
+        if connector is None:
+            return found.model_copy(
+                update={
+                    "verdict": "no_connector",
+                    "reason": f"no {name} connector is configured to ask",
+                }
+            )
+        receipt: Receipt | None = None
+        state: IntentState
+        verdict: ReconcileVerdict
+        error: str | None = None
+        try:
+            receipt = connector.lookup(key)
+        except OutcomeUnknowable as exc:
+            state, verdict, error = "needs_operator", "needs_operator", str(exc)
+        except Exception as exc:  # the provider could not be reached: ask again next pass
+            return found.model_copy(
+                update={"reason": f"lookup failed: {str(exc) or type(exc).__name__}"}
+            )
+        else:
+            if receipt is not None:
+                state, verdict = "succeeded", "reconciled"
+            else:
+                state, verdict, error = "failed", "retryable", NEVER_REACHED
+        with self.ledger.transaction() as tx:
+            moved = tx.execute(
+                sa.text(
+                    "UPDATE intents SET state = :s, provider_id = :pid, outcome = :out,"
+                    " last_error = :err, lease_owner = NULL, lease_expires_at = NULL,"
+                    " updated_at = :now WHERE idempotency_key = :k AND state = 'in_flight'"
+                    " AND attempts = :a AND updated_at = :u"
+                ),
+                {
+                    "s": state,
+                    "pid": receipt.provider_id if receipt else None,
+                    "out": json.dumps(receipt.detail) if receipt else None,
+                    "err": error,
+                    "now": utc_now(),
+                    "k": key,
+                    "a": row["attempts"],
+                    "u": row["updated_at"],
+                },
+            ).rowcount
+        if moved != 1:
+            return found.model_copy(update={"reason": "a run claimed or finished it meanwhile"})
+        reason = error or f"provider id {receipt.provider_id if receipt else '-'}"
+        self.audit.note(
+            StepContext(
+                workflow=str(row["workflow"]),
+                step=actor,
+                partition_key=str(row["item_key"]),
+                run_id=str(row["run_id"]) if row["run_id"] else None,
+            ),
+            kind="effect",
+            actor=f"connector:{name}",
+            subject=f"{row['action']}:{row['target']}",
+            decision=state,
+            reason=f"reconciled by {actor}: {reason}",
+            detail={
+                "idempotency_key": key,
+                "payload_hash": row["payload_hash"],
+                "reconciled": True,
+                "dead_owner": row["lease_owner"],
+            },
+        )
+        return found.model_copy(
+            update={
+                "verdict": verdict,
+                "provider_id": receipt.provider_id if receipt else None,
+                "reason": reason,
+            }
         )

@@ -34,6 +34,15 @@ audit_events = dg.AssetSpec(
     deps=[SOURCES, DRAFT, APPROVAL_REQUEST, PUBLISHED_ISSUE],
 )
 
+audit_effect_costs = dg.AssetSpec(
+    key=["audit", "effect_costs"],
+    group_name="audit",
+    owners=OWNERS,
+    kinds={"duckdb"},
+    description="Every cost a connector's provider charged for an effect (a payment's fee), "
+    "recorded by the intent log beside the model spend.",
+)
+
 
 class FactsTranslator(DagsterDbtTranslator):
     """Models under `metrics/`, sources under `audit/`, all owned by the operator."""
@@ -76,5 +85,10 @@ metrics_refresh_job = dg.define_asset_job(
     description="Rebuild the metric models from the audit trail.",
 )
 
-ASSETS: list[dg.AssetsDefinition | dg.AssetSpec] = [audit_llm_calls, audit_events, dbt_facts]
+ASSETS: list[dg.AssetsDefinition | dg.AssetSpec] = [
+    audit_llm_calls,
+    audit_events,
+    audit_effect_costs,
+    dbt_facts,
+]
 JOBS = [metrics_refresh_job]
