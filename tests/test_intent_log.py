@@ -219,6 +219,25 @@ def test_dead_owner_with_a_found_receipt_is_reconciled_not_resent(
     assert row["attempts"] == 2 and row["run_id"] == "run-retry"
 
 
+def test_a_provider_that_cannot_be_asked_yet_is_asked_again_by_the_next_attempt(
+    intents: IntentLog, ledger: Ledger
+) -> None:
+    connector = FakeConnector()
+    _claim_then_crash(intents, ledger, connector)
+    connector.lookup_answer = OutcomeUnknown("the provider timed out")
+    with pytest.raises(OutcomeUnknown):
+        intents.execute(connector, REQUEST, connector.perform, _context("run-retry"))
+    row = _row(ledger, REQUEST.key)
+    assert row["state"] == "in_flight" and row["lease_owner"] is None  # not held by us
+    assert "reconciliation failed" in str(row["last_error"])
+
+    # The next attempt, in this same process, asks again at once (no lease to wait out).
+    connector.lookup_answer = Receipt(provider_id="found-later", detail={})
+    outcome = intents.execute(connector, REQUEST, connector.perform, _context("run-retry-2"))
+    assert outcome.reconciled and outcome.provider_id == "found-later"
+    assert connector.performed == [] and connector.lookups == [REQUEST.key] * 2
+
+
 def test_dead_owner_whose_effect_never_happened_is_performed(
     intents: IntentLog, ledger: Ledger
 ) -> None:

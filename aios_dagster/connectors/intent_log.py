@@ -412,6 +412,12 @@ class IntentLog:
                     f"cannot say whether it happened ({exc}). Check, then resolve it with "
                     f"the operator tools; it will not be resent automatically."
                 ) from exc
+            except Exception as exc:
+                # The provider could not be asked right now (down, timing out): the effect
+                # stays in flight, but our lease is released so the next attempt, in this
+                # process too, asks again instead of waiting the lease out.
+                self._note_error(key, f"reconciliation failed: {type(exc).__name__}: {exc}")
+                raise
             if receipt is not None:
                 self._finish(key, "succeeded", receipt, None, context, request, connector)
                 return EffectOutcome(
