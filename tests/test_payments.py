@@ -398,3 +398,55 @@ def test_resource_reads_the_key_from_the_named_env_var(
         assert connector.charge("idem_res", CHARGE).provider_id.startswith("pi_")
     with pytest.raises(pydantic.ValidationError):
         PaymentsResource(base_url=server.url, api_key_env=SECRET).settings()
+
+
+def test_a_refused_payload_is_not_retried_and_its_approval_shows_the_providers_message(
+    server: FakePaymentsServer, payments: PaymentsConnector, config_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from aios_dagster.approvals import ApprovalCost, StagedPayload
+    from aios_dagster.cli.main import app
+    from aios_dagster.config import load_config
+    from aios_dagster.kernel import Kernel
+
+    kernel = Kernel.build(load_config(config_path))
+    payload = StagedPayload(
+        workflow="billing",
+        partition_key="order-9",
+        action="refund",
+        title="Refund order 9",
+        summary="Refund more than was paid (a bad payload).",
+        markdown="Refund $500 to cus_ada",
+        html="<p>Refund</p>",
+    )
+    approval = kernel.approvals.request(
+        payload,
+        execute_job="refund_order",
+        cost=ApprovalCost(so_far_usd=0.0, to_finish_usd=0.0, basis="test: no model call"),
+    )
+    kernel.approvals.decide(approval.approval_id, approve=True, actor="operator:test")
+    charged = payments.charge("charge-order-9", CHARGE)
+    request = EffectRequest(
+        workflow="billing",
+        item_key="order-9",
+        action="refund",
+        target="cus_ada",
+        payload_hash=approval.payload_hash,
+    )
+    refund = RefundRequest(payment_intent=charged.provider_id, amount=50_000)
+    with pytest.raises(EffectFailed) as refused:
+        kernel.intents.execute(
+            payments, request, lambda key: payments.refund(key, refund), _context()
+        )
+    assert not refused.value.transient
+    refund_posts = [p for p in server.posts if p.path == "/v1/refunds"]
+    assert len(refund_posts) == 1  # a 4xx is never retried
+
+    shown = CliRunner().invoke(
+        app, ["--config", str(config_path), "approvals", "show", approval.approval_id]
+    )
+    assert shown.exit_code == 0, shown.output
+    [line] = [row for row in shown.output.splitlines() if "effect:" in row]
+    assert "refund -> cus_ada: failed" in line
+    assert str(refused.value)[:40] in " ".join(shown.output.split())

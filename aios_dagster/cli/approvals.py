@@ -110,6 +110,16 @@ def show(approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")
         )
     if approval.decision_reason:
         console.print(f"  reason:        {approval.decision_reason}", markup=False)
+    for effect in kernel.intents.effects_of_payload(
+        approval.workflow, approval.partition_key, approval.payload_hash
+    ):
+        outcome = effect.provider_id or effect.last_error or ""
+        console.print(
+            f"  effect:        {effect.action} -> {effect.target}: {effect.state}"
+            + (f" ({outcome})" if outcome else ""),
+            soft_wrap=True,
+            markup=False,
+        )
     console.rule()
     console.print(Markdown(payload.markdown))
     console.rule()

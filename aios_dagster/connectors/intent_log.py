@@ -242,6 +242,27 @@ class IntentLog:
             )
         return [IntentRecord.model_validate(dict(row)) for row in rows]
 
+    def effects_of_payload(
+        self, workflow: str, item_key: str, payload_hash: str
+    ) -> list[IntentRecord]:
+        """The effects an approved payload set off, oldest first: what the operator sees under
+        the approval (a provider's refusal, with its message, included)."""
+        with self.ledger.transaction() as tx:
+            rows = (
+                tx.execute(
+                    sa.text(
+                        "SELECT idempotency_key, workflow, item_key, action, target, connector,"
+                        " payload_hash, state, attempts, provider_id, last_error, updated_at"
+                        " FROM intents WHERE workflow = :w AND item_key = :i"
+                        " AND payload_hash = :h ORDER BY created_at, idempotency_key"
+                    ),
+                    {"w": workflow, "i": item_key, "h": payload_hash},
+                )
+                .mappings()
+                .all()
+            )
+        return [IntentRecord.model_validate(dict(row)) for row in rows]
+
     def resolve(self, key: str, *, happened: bool, actor: str, note: str) -> IntentRecord:
         """The operator's verdict on an effect whose outcome only they could establish.
 
