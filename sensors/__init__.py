@@ -1,4 +1,5 @@
-"""Triggers: the schedules and sensors that start workflow runs."""
+"""Triggers and watchmen: the schedules and sensors that start workflow runs, and the sensor
+that settles side effects a killed run left in flight."""
 
 from sensors.approvals import approved_actions_sensor
 from sensors.reconciler import stuck_effects_sensor
