@@ -467,6 +467,52 @@ class PolicySettings(_Section):
         return self.roles.get(name, RolePolicy())
 
 
+class PaymentsSettings(_Section):
+    """Where the payments API (Stripe's shape) is and which environment variable holds its key."""
+
+    base_url: str = Field(default="https://api.stripe.com", min_length=1)
+    api_key_env: str = "AIOS_PAYMENTS_API_KEY"
+    timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    refund_lookup_pages: int = Field(default=10, ge=1, le=100)
+    """Pages of 100 recent refunds `lookup` scans for a refund's key (Stripe cannot search
+    refunds by metadata)."""
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_VAR_NAME.match(value):
+            raise ValueError("must be the NAME of an environment variable, not a secret key")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class GhostCmsSettings(_Section):
+    """Where the Ghost Admin API is and which environment variable holds its Admin API key."""
+
+    admin_url: str = Field(min_length=1, description="The site root, e.g. https://blog.example.com")
+    admin_key_env: str = "AIOS_GHOST_ADMIN_KEY"
+    timeout_seconds: float = Field(default=15.0, gt=0, le=120)
+    accept_version: str = "v5.0"
+
+    @field_validator("admin_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("admin_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_VAR_NAME.match(value):
+            raise ValueError("must be the NAME of an environment variable, not a key")
+        return value
+
+
 class AiosConfig(_Section):
     """The whole operator configuration."""
 
@@ -480,6 +526,8 @@ class AiosConfig(_Section):
     memory: MemorySettings = MemorySettings()
     policy: PolicySettings = PolicySettings()
     smtp: SmtpSettings | None = None
+    payments: PaymentsSettings | None = None
+    cms: GhostCmsSettings | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path)
     # Not a field: it comes from where the file is, never from what it says.

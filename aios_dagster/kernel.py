@@ -7,6 +7,7 @@ intent log, quarantine and agent runtime from here, so they always agree on wher
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -166,6 +167,7 @@ class Kernel:
         *,
         llm_api_key: str | None = None,
         smtp_password: str | None = None,
+        other_secrets: Sequence[str | None] = (),
     ) -> Kernel:
         """Wire every service to the state directory the config names."""
         paths = StatePaths(config.state_path)
@@ -173,7 +175,9 @@ class Kernel:
         ledger = _ledger_for(paths.ledger)
         warehouse = Warehouse(paths.warehouse)
         audit = AuditLog(
-            warehouse, paths.audit_spool, redactor=Redactor([llm_api_key, smtp_password])
+            warehouse,
+            paths.audit_spool,
+            redactor=Redactor([llm_api_key, smtp_password, *other_secrets]),
         )
         gateway = LLMGateway(
             config.llm, api_key=llm_api_key, audit=audit, retries=config.policy.retries

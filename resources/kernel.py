@@ -54,8 +54,17 @@ class AiosKernel(dg.ConfigurableResource):  # type: ignore[type-arg]
             if kernel is None:
                 config = self.operator_config()
                 smtp_password = os.environ.get(config.smtp.password_env) if config.smtp else None
+                # Connectors read their own keys when they act; the audit must know them too,
+                # so a key echoed in a provider's error never reaches an audit row.
+                connector_secrets = [
+                    os.environ.get(config.payments.api_key_env) if config.payments else None,
+                    os.environ.get(config.cms.admin_key_env) if config.cms else None,
+                ]
                 kernel = Kernel.build(
-                    config, llm_api_key=self.llm_api_key, smtp_password=smtp_password
+                    config,
+                    llm_api_key=self.llm_api_key,
+                    smtp_password=smtp_password,
+                    other_secrets=connector_secrets,
                 )
                 _kernels[cache_key] = kernel
             return kernel

@@ -12,10 +12,12 @@ import dagster as dg
 
 from aios_dagster.config import config_path_from_env, load_config
 from resources.artifacts import ArtifactIOManager
+from resources.cms import CmsResource
 from resources.dbt import dbt_resource
 from resources.kernel import AiosKernel
 from resources.mailer import MailerResource
 from resources.memory import FactMemory, SemanticMemory, WorkingMemory
+from resources.payments import PaymentsResource
 from resources.site import SitePublisherResource
 
 
@@ -34,7 +36,23 @@ def build_resources(config_path: Path | None = None) -> dict[str, Any]:
         llm_api_key=_env_secret(config.llm.endpoint.api_key_env),
     )
     smtp_password = _env_secret(config.smtp.password_env) if config.smtp else None
+    connectors: dict[str, Any] = {}
+    # Optional providers: present only when the operator config has their section. Each reads
+    # its key from the environment variable the section names, when a step acts.
+    if config.payments is not None:
+        connectors["payments"] = PaymentsResource(
+            base_url=config.payments.base_url,
+            api_key_env=config.payments.api_key_env,
+            timeout_seconds=config.payments.timeout_seconds,
+        )
+    if config.cms is not None:
+        connectors["cms"] = CmsResource(
+            admin_url=config.cms.admin_url,
+            admin_key_env=config.cms.admin_key_env,
+            timeout_seconds=config.cms.timeout_seconds,
+        )
     return {
+        **connectors,
         "aios": kernel,
         "site": SitePublisherResource(aios=kernel),
         "mailer": MailerResource(aios=kernel, password=smtp_password),

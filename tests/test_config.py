@@ -211,6 +211,18 @@ def test_a_tier_model_with_its_own_price_is_accepted() -> None:
             id="unknown-tier-name",
         ),
         pytest.param(
+            {"payments": {"api_key_env": "sk_live_abc123"}},
+            "payments.api_key_env",
+            "NAME of an environment variable",
+            id="payments-key-instead-of-its-variable",
+        ),
+        pytest.param(
+            {"cms": {"admin_url": "blog.example.com"}},
+            "cms.admin_url",
+            "http(s) URL",
+            id="cms-url-without-scheme",
+        ),
+        pytest.param(
             {"base_dir": "/etc"},
             "base_dir",
             "unknown key",
@@ -362,3 +374,39 @@ def test_config_check_exits_0_and_summarizes_a_good_file(tmp_path: Path, runner:
     assert "none (every role runs on the rules tier)" in result.stdout
     assert str((tmp_path / "state").resolve()) in result.stdout
     assert "feeds:           2" in result.stdout
+
+
+def test_connector_sections_become_resources_and_their_keys_are_redacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aios_dagster.audit import StepContext
+    from resources import build_resources
+    from tests.conftest import write_config
+
+    path = write_config(
+        tmp_path,
+        {
+            "payments": {"base_url": "http://127.0.0.1:9", "api_key_env": "TEST_PAYMENTS_KEY"},
+            "cms": {"admin_url": "http://127.0.0.1:9", "admin_key_env": "TEST_GHOST_KEY"},
+        },
+    )
+    monkeypatch.setenv("TEST_PAYMENTS_KEY", "sk_test_never_in_the_audit_1234")
+    monkeypatch.setenv("TEST_GHOST_KEY", "6489:deadbeefcafe0000deadbeefcafe0000")
+    resources = build_resources(path)
+    assert resources["payments"].api_key_env == "TEST_PAYMENTS_KEY"
+    assert resources["cms"].admin_url == "http://127.0.0.1:9"
+    assert "payments" not in build_resources(write_config(tmp_path / "plain"))
+
+    kernel = resources["aios"].kernel()
+    kernel.audit.note(
+        StepContext(workflow="billing", step="charge"),
+        kind="effect",
+        actor="connector:payments",
+        subject="charge",
+        decision="failed",
+        reason="401: Invalid API Key provided: sk_test_never_in_the_audit_1234; ghost key "
+        "6489:deadbeefcafe0000deadbeefcafe0000",
+    )
+    kernel.audit.flush()
+    [row] = kernel.warehouse.query("SELECT reason FROM audit.events WHERE subject = 'charge'")
+    assert "sk_test_never" not in row["reason"] and "deadbeefcafe" not in row["reason"]

@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 import httpx
 import jwt
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
-from aios_dagster.config import ENV_VAR_NAME
+from aios_dagster.config import GhostCmsSettings as GhostCmsSettings
 from aios_dagster.connectors.base import (
     Connector,
     EffectFailed,
@@ -44,31 +44,6 @@ TOKEN_LIFETIME_SECONDS = 5 * 60
 KEY_TAG_PREFIX = "#aios-"
 KEY_TAG_LENGTH = 24
 """Hex characters of the idempotency key kept in the tag (96 bits: collisions are not a risk)."""
-
-
-class GhostCmsSettings(BaseModel):
-    """Where the Ghost Admin API is and which environment variable holds its Admin API key."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    admin_url: str = Field(min_length=1, description="The site root, e.g. https://blog.example.com")
-    admin_key_env: str = "AIOS_GHOST_ADMIN_KEY"
-    timeout_seconds: float = Field(default=15.0, gt=0, le=120)
-    accept_version: str = "v5.0"
-
-    @field_validator("admin_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http(s) URL")
-        return value.rstrip("/")
-
-    @field_validator("admin_key_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not ENV_VAR_NAME.match(value):
-            raise ValueError("must be the NAME of an environment variable, not a key")
-        return value
 
 
 class CmsPost(BaseModel):

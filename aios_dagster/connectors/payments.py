@@ -22,12 +22,12 @@ name) and only ever goes into the Authorization header: never into errors or rec
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from aios_dagster.config import PaymentsSettings as PaymentsSettings
 from aios_dagster.connectors.base import (
     Connector,
     EffectFailed,
@@ -37,7 +37,6 @@ from aios_dagster.connectors.base import (
 )
 from aios_dagster.policy.retries import retry_after_seconds
 
-_ENV_VAR_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 METADATA_KEY = "aios_key"
 """The metadata field that carries the effect's idempotency key at the provider."""
 
@@ -50,31 +49,6 @@ class ProviderBusy(EffectFailed):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message, transient=True)
         self.retry_after = retry_after
-
-
-class PaymentsSettings(BaseModel):
-    """Where the payments API is and which environment variable holds its secret key."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_url: str = Field(default="https://api.stripe.com", min_length=1)
-    api_key_env: str = "AIOS_PAYMENTS_API_KEY"
-    timeout_seconds: float = Field(default=30.0, gt=0, le=300)
-    refund_lookup_pages: int = Field(default=10, ge=1, le=100)
-    """Pages of 100 recent refunds `lookup` scans for a refund's key (Stripe cannot search
-    refunds by metadata)."""
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not _ENV_VAR_NAME.match(value):
-            raise ValueError("must be the NAME of an environment variable, not a secret key")
-        return value
-
-    @field_validator("base_url")
-    @classmethod
-    def _no_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/")
 
 
 class ChargeRequest(BaseModel):
