@@ -13,6 +13,7 @@ import dagster as dg
 from aios_dagster.config import config_path_from_env, load_config
 from resources.artifacts import ArtifactIOManager
 from resources.cms import CmsResource
+from resources.crm import CrmResource
 from resources.dbt import dbt_resource
 from resources.kernel import AiosKernel
 from resources.mailer import MailerResource
@@ -53,6 +54,7 @@ def build_resources(config_path: Path | None = None) -> dict[str, Any]:
         )
     return {
         **connectors,
+        "crm": CrmResource(aios=kernel),  # in the facts warehouse until the operator names one
         "aios": kernel,
         "site": SitePublisherResource(aios=kernel),
         "mailer": MailerResource(aios=kernel, password=smtp_password),

@@ -395,7 +395,9 @@ def test_connector_sections_become_resources_and_their_keys_are_redacted(
     resources = build_resources(path)
     assert resources["payments"].api_key_env == "TEST_PAYMENTS_KEY"
     assert resources["cms"].admin_url == "http://127.0.0.1:9"
-    assert "payments" not in build_resources(write_config(tmp_path / "plain"))
+    plain = build_resources(write_config(tmp_path / "plain"))
+    assert "payments" not in plain and "cms" not in plain
+    assert plain["crm"].base_url is None  # the CRM lives in the facts warehouse by default
 
     kernel = resources["aios"].kernel()
     kernel.audit.note(

@@ -1,0 +1,537 @@
+"""A CRM: contacts, notes on them and deals with them, written once per idempotency key.
+
+Two providers behind one `Crm` shape:
+
+- `WarehouseCrm` (the default, nothing to sign up for) keeps the CRM in the facts warehouse, in
+  the ``crm`` schema, created on first use. Every write records its idempotency key in an
+  ``effect_key`` column under a unique constraint, checked and written in one transaction, so
+  a replayed write is a no-op that returns the first receipt, and `lookup` finds any write by
+  its key. Contacts and deals are upserted (by email; by contact and title): their current
+  state is in ``crm.contacts`` / ``crm.deals``, and each write that changed them is a row in
+  ``crm.contact_writes`` / ``crm.deal_writes``.
+- `HttpCrm` speaks a small REST CRM (``POST /v1/contacts``, ``/v1/notes``, ``/v1/deals``,
+  ``GET /v1/effects/{key}``) with the key as the ``Idempotency-Key`` header, which the provider
+  honours by replaying the first answer. Errors are mapped as in the payments connector: a 4xx
+  is a definite refusal with the provider's message, except 409 (the key is in progress) and
+  429 (rate limited), which are transient; a 5xx that says ``Crm-Should-Retry: true``
+  committed nothing (transient), any other 5xx may have: `OutcomeUnknown`; a connection that
+  never opened is transient, one lost after the request went out is `OutcomeUnknown`, for
+  reconciliation through `lookup`. The bearer token only ever goes into the Authorization
+  header: never into messages or receipts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from abc import abstractmethod
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal, Self
+
+import duckdb
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from aios_dagster.config import ENV_VAR_NAME
+from aios_dagster.connectors.base import (
+    Connector,
+    EffectFailed,
+    HealthReport,
+    OutcomeUnknown,
+    Receipt,
+)
+from aios_dagster.policy.retries import retry_after_seconds
+from aios_dagster.warehouse import Warehouse, WarehouseBusy
+
+DealStage = Literal["lead", "qualified", "won", "lost"]
+
+
+def _email(value: str) -> str:
+    value = value.strip().lower()
+    local, _, domain = value.partition("@")
+    if not local or "." not in domain or " " in value:
+        raise ValueError(f"not an email address: {value!r}")
+    return value
+
+
+class Contact(BaseModel):
+    """A person the business deals with, known by email (stored lower-case, so one person is
+    one contact however the address was typed)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    email: str
+    name: str | None = None
+    company: str | None = None
+    tags: tuple[str, ...] = ()
+
+    @field_validator("email")
+    @classmethod
+    def _normalized(cls, value: str) -> str:
+        return _email(value)
+
+
+class Note(BaseModel):
+    """A free-text note on a contact: every write is a new note (never an update)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    contact_email: str
+    body: str = Field(min_length=1)
+
+    @field_validator("contact_email")
+    @classmethod
+    def _normalized(cls, value: str) -> str:
+        return _email(value)
+
+
+class Deal(BaseModel):
+    """A deal with a contact, identified by the contact and its title: a later write with the
+    same pair moves it (stage, amount) instead of opening another."""
+
+    model_config = ConfigDict(frozen=True)
+
+    contact_email: str
+    title: str = Field(min_length=1)
+    amount_usd: float = Field(default=0.0, ge=0)
+    stage: DealStage = "lead"
+
+    @field_validator("contact_email")
+    @classmethod
+    def _normalized(cls, value: str) -> str:
+        return _email(value)
+
+
+class Crm(Connector):
+    """What a workflow may do to the CRM; each write acts at most once per idempotency key."""
+
+    def close(self) -> None:
+        """Release what the connector holds (connections); a no-op unless it holds any."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abstractmethod
+    def upsert_contact(self, key: str, contact: Contact) -> Receipt:
+        """Create the contact, or update the one with this email."""
+
+    @abstractmethod
+    def add_note(self, key: str, note: Note) -> Receipt:
+        """Add a note to a contact."""
+
+    @abstractmethod
+    def upsert_deal(self, key: str, deal: Deal) -> Receipt:
+        """Open the deal, or move the one with this contact and title."""
+
+
+def _stable_id(prefix: str, *parts: str) -> str:
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
+    return f"{prefix}_{digest}"
+
+
+# -- the warehouse CRM -------------------------------------------------------------------------
+
+CRM_SCHEMA: tuple[str, ...] = (
+    "CREATE SCHEMA IF NOT EXISTS crm",
+    """
+    CREATE TABLE IF NOT EXISTS crm.contacts (
+        contact_id VARCHAR PRIMARY KEY,
+        email VARCHAR NOT NULL,
+        name VARCHAR,
+        company VARCHAR,
+        tags JSON NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        effect_key VARCHAR NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS crm.contact_writes (
+        effect_key VARCHAR PRIMARY KEY,
+        contact_id VARCHAR NOT NULL,
+        email VARCHAR NOT NULL,
+        name VARCHAR,
+        company VARCHAR,
+        tags JSON NOT NULL,
+        written_at TIMESTAMPTZ NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS crm.notes (
+        note_id VARCHAR PRIMARY KEY,
+        effect_key VARCHAR NOT NULL UNIQUE,
+        contact_email VARCHAR NOT NULL,
+        body VARCHAR NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS crm.deals (
+        deal_id VARCHAR PRIMARY KEY,
+        contact_email VARCHAR NOT NULL,
+        title VARCHAR NOT NULL,
+        amount_usd DOUBLE NOT NULL,
+        stage VARCHAR NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        effect_key VARCHAR NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS crm.deal_writes (
+        effect_key VARCHAR PRIMARY KEY,
+        deal_id VARCHAR NOT NULL,
+        contact_email VARCHAR NOT NULL,
+        title VARCHAR NOT NULL,
+        amount_usd DOUBLE NOT NULL,
+        stage VARCHAR NOT NULL,
+        written_at TIMESTAMPTZ NOT NULL
+    )
+    """,
+)
+
+
+class WarehouseCrm(Crm):
+    """The CRM as tables in the facts warehouse: no provider to reach, no key to keep."""
+
+    name = "crm"
+
+    def __init__(self, warehouse: Warehouse) -> None:
+        """The warehouse is the kernel's; the ``crm`` schema is created on first use."""
+        self.warehouse = warehouse
+        self._ready = False
+
+    def _ensure_schema(self, connection: duckdb.DuckDBPyConnection) -> None:
+        if self._ready:
+            return
+        for statement in CRM_SCHEMA:
+            connection.execute(statement)
+        self._ready = True
+
+    def _write(
+        self, key: str, apply: Callable[[duckdb.DuckDBPyConnection, datetime], Receipt]
+    ) -> Receipt:
+        """Run `apply(connection, now)` in one transaction unless `key` was already written
+        (then return that write's receipt): the check and the write cannot be split."""
+        try:
+            with self.warehouse.connect() as connection:
+                self._ensure_schema(connection)
+                connection.execute("BEGIN TRANSACTION")
+                try:
+                    earlier = _find(connection, key)
+                    if earlier is not None:
+                        connection.execute("ROLLBACK")
+                        earlier.detail["replayed"] = True
+                        return earlier
+                    receipt = apply(connection, datetime.now(UTC))
+                    connection.execute("COMMIT")
+                except BaseException:
+                    connection.execute("ROLLBACK")
+                    raise
+        except WarehouseBusy as exc:
+            raise EffectFailed(f"crm: {exc}", transient=True) from exc
+        except duckdb.ConstraintException as exc:
+            # Another process wrote the same key between our check and our insert.
+            raise EffectFailed(f"crm: concurrent write of {key}: {exc}", transient=True) from exc
+        receipt.detail["replayed"] = False
+        return receipt
+
+    def upsert_contact(self, key: str, contact: Contact) -> Receipt:
+        """Create or update the contact by email; the write is recorded under `key`."""
+        contact_id = _stable_id("ct", contact.email)
+        tags = json.dumps(list(contact.tags))
+
+        def apply(connection: duckdb.DuckDBPyConnection, now: datetime) -> Receipt:
+            connection.execute(
+                "INSERT INTO crm.contacts (contact_id, email, name, company, tags, created_at,"
+                " updated_at, effect_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (contact_id) DO UPDATE SET name = excluded.name,"
+                " company = excluded.company, tags = excluded.tags,"
+                " updated_at = excluded.updated_at, effect_key = excluded.effect_key",
+                [contact_id, contact.email, contact.name, contact.company, tags, now, now, key],
+            )
+            connection.execute(
+                "INSERT INTO crm.contact_writes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [key, contact_id, contact.email, contact.name, contact.company, tags, now],
+            )
+            return _contact_receipt(contact_id, contact.email, contact.name, contact.company)
+
+        return self._write(key, apply)
+
+    def add_note(self, key: str, note: Note) -> Receipt:
+        """Add a note (a new row per key; the contact need not exist yet in this CRM)."""
+        note_id = "nt_" + uuid.uuid4().hex[:16]
+
+        def apply(connection: duckdb.DuckDBPyConnection, now: datetime) -> Receipt:
+            connection.execute(
+                "INSERT INTO crm.notes VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [note_id, key, note.contact_email, note.body, now],
+            )
+            return _note_receipt(note_id, note.contact_email)
+
+        return self._write(key, apply)
+
+    def upsert_deal(self, key: str, deal: Deal) -> Receipt:
+        """Open or move the deal with this contact and title; the write is recorded under `key`."""
+        deal_id = _stable_id("dl", deal.contact_email, deal.title)
+
+        def apply(connection: duckdb.DuckDBPyConnection, now: datetime) -> Receipt:
+            connection.execute(
+                "INSERT INTO crm.deals VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (deal_id) DO UPDATE SET amount_usd = excluded.amount_usd,"
+                " stage = excluded.stage, updated_at = excluded.updated_at,"
+                " effect_key = excluded.effect_key",
+                [
+                    deal_id,
+                    deal.contact_email,
+                    deal.title,
+                    deal.amount_usd,
+                    deal.stage,
+                    now,
+                    now,
+                    key,
+                ],
+            )
+            connection.execute(
+                "INSERT INTO crm.deal_writes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [key, deal_id, deal.contact_email, deal.title, deal.amount_usd, deal.stage, now],
+            )
+            return _deal_receipt(
+                deal_id, deal.contact_email, deal.title, deal.amount_usd, deal.stage
+            )
+
+        return self._write(key, apply)
+
+    def lookup(self, key: str) -> Receipt | None:
+        """The write made under `key` (contact, note or deal), None if there was none."""
+        try:
+            with self.warehouse.connect() as connection:
+                self._ensure_schema(connection)
+                return _find(connection, key)
+        except WarehouseBusy as exc:
+            raise OutcomeUnknown(f"crm: cannot read the warehouse now: {exc}") from exc
+
+    def health(self) -> HealthReport:
+        """Open the warehouse and read the CRM tables, acting on nothing."""
+        try:
+            with self.warehouse.connect() as connection:
+                self._ensure_schema(connection)
+                row = connection.execute("SELECT count(*) FROM crm.contacts").fetchone()
+        except (WarehouseBusy, duckdb.Error) as exc:
+            return HealthReport(connector=self.name, healthy=False, detail=str(exc))
+        contacts = row[0] if row else 0
+        return HealthReport(
+            connector=self.name, healthy=True, detail=f"{contacts} contacts in the warehouse"
+        )
+
+
+def _find(connection: duckdb.DuckDBPyConnection, key: str) -> Receipt | None:
+    row = connection.execute(
+        "SELECT contact_id, email, name, company FROM crm.contact_writes WHERE effect_key = ?",
+        [key],
+    ).fetchone()
+    if row is not None:
+        return _contact_receipt(*row)
+    row = connection.execute(
+        "SELECT note_id, contact_email FROM crm.notes WHERE effect_key = ?", [key]
+    ).fetchone()
+    if row is not None:
+        return _note_receipt(*row)
+    row = connection.execute(
+        "SELECT deal_id, contact_email, title, amount_usd, stage FROM crm.deal_writes"
+        " WHERE effect_key = ?",
+        [key],
+    ).fetchone()
+    if row is not None:
+        return _deal_receipt(*row)
+    return None
+
+
+def _contact_receipt(contact_id: str, email: str, name: str | None, company: str | None) -> Receipt:
+    detail = {"kind": "contact", "email": email, "name": name, "company": company}
+    return Receipt(provider_id=contact_id, detail=detail)
+
+
+def _note_receipt(note_id: str, contact_email: str) -> Receipt:
+    return Receipt(provider_id=note_id, detail={"kind": "note", "contact_email": contact_email})
+
+
+def _deal_receipt(
+    deal_id: str, contact_email: str, title: str, amount_usd: float, stage: str
+) -> Receipt:
+    detail = {
+        "kind": "deal",
+        "contact_email": contact_email,
+        "title": title,
+        "amount_usd": amount_usd,
+        "stage": stage,
+    }
+    return Receipt(provider_id=deal_id, detail=detail)
+
+
+# -- the HTTP CRM ------------------------------------------------------------------------------
+
+
+class CrmHttpSettings(BaseModel):
+    """Where the HTTP CRM is and which environment variable holds its bearer token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = Field(min_length=1)
+    token_env: str = "AIOS_CRM_TOKEN"
+    timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_VAR_NAME.match(value):
+            raise ValueError("must be the NAME of an environment variable, not a token")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+
+class CrmBusy(EffectFailed):
+    """The CRM committed nothing and asked to be tried again (409 key in progress, 429, a 5xx
+    with ``Crm-Should-Retry: true``); `retry_after` is honoured by the retry policy."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, transient=True)
+        self.retry_after = retry_after
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    message = error.get("message") if isinstance(error, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    text = message or response.text[:200] or response.reason_phrase
+    return f"HTTP {response.status_code}{f' {code}' if code else ''}: {text}"
+
+
+class HttpCrm(Crm):
+    """A REST CRM reached over HTTP, under the effect's idempotency key."""
+
+    name = "crm_http"
+
+    def __init__(
+        self,
+        settings: CrmHttpSettings,
+        *,
+        token: str | None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """`token` is the secret read by the caller from ``settings.token_env``."""
+        self.settings = settings
+        self._token = token
+        self._client = httpx.Client(
+            base_url=settings.base_url,
+            timeout=httpx.Timeout(settings.timeout_seconds),
+            transport=transport,
+            headers={"User-Agent": "aios-dagster-crm/1"},
+        )
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self._client.close()
+
+    def upsert_contact(self, key: str, contact: Contact) -> Receipt:
+        """``POST /v1/contacts``: the provider upserts by email."""
+        body = self._post("/v1/contacts", contact.model_dump(mode="json"), key)
+        return _http_receipt("contact", body)
+
+    def add_note(self, key: str, note: Note) -> Receipt:
+        """``POST /v1/notes``: one note per key, the provider replays a repeated key."""
+        return _http_receipt("note", self._post("/v1/notes", note.model_dump(mode="json"), key))
+
+    def upsert_deal(self, key: str, deal: Deal) -> Receipt:
+        """``POST /v1/deals``: the provider upserts by contact and title."""
+        return _http_receipt("deal", self._post("/v1/deals", deal.model_dump(mode="json"), key))
+
+    def lookup(self, key: str) -> Receipt | None:
+        """``GET /v1/effects/{key}``: what the provider committed under `key`, None on 404."""
+        try:
+            response = self._client.get(f"/v1/effects/{key}", headers=self._headers())
+        except httpx.TransportError as exc:
+            raise OutcomeUnknown(f"crm: cannot ask the CRM about {key}: {exc}") from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            message = f"crm: {_error_message(response)}"
+            if response.status_code >= 500 or response.status_code == 429:
+                raise OutcomeUnknown(message)
+            raise EffectFailed(message)
+        found: dict[str, Any] = response.json()
+        return _http_receipt(str(found.get("kind")), found.get("object") or {})
+
+    def health(self) -> HealthReport:
+        """``GET /v1/account``: the token works and the CRM answers, nothing is acted on."""
+        try:
+            response = self._client.get("/v1/account", headers=self._headers())
+        except EffectFailed as exc:
+            return HealthReport(connector=self.name, healthy=False, detail=str(exc))
+        except httpx.TransportError as exc:
+            detail = f"crm: could not reach {self.settings.base_url}: {type(exc).__name__}"
+            return HealthReport(connector=self.name, healthy=False, detail=detail)
+        if response.status_code >= 400:
+            detail = f"crm: {_error_message(response)}"
+            return HealthReport(connector=self.name, healthy=False, detail=detail)
+        return HealthReport(connector=self.name, healthy=True, detail=self.settings.base_url)
+
+    def _headers(self) -> dict[str, str]:
+        if not self._token:
+            raise EffectFailed(f"crm: ${self.settings.token_env} is empty")
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def _post(self, path: str, payload: dict[str, Any], key: str) -> dict[str, Any]:
+        headers = {**self._headers(), "Idempotency-Key": key}
+        try:
+            response = self._client.post(path, json=payload, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # The request never left: nothing can have been committed.
+            raise EffectFailed(
+                f"crm: could not reach {self.settings.base_url}: {exc}", transient=True
+            ) from exc
+        except httpx.TransportError as exc:
+            raise OutcomeUnknown(
+                f"crm: no answer to POST {path} after it was sent "
+                f"({type(exc).__name__}: {exc}); reconciliation decides"
+            ) from exc
+        status = response.status_code
+        if status < 300:
+            try:
+                body = response.json()
+            except ValueError as exc:
+                raise OutcomeUnknown(f"crm: unreadable {status} answer to {path}") from exc
+            if not isinstance(body, dict) or "id" not in body:
+                raise OutcomeUnknown(f"crm: {status} answer to {path} without an id")
+            body["replayed"] = response.headers.get("Idempotent-Replayed") == "true"
+            return body
+        message = f"crm: {_error_message(response)}"
+        should_retry = response.headers.get("Crm-Should-Retry", "").lower() == "true"
+        if status in (409, 429) or (status >= 500 and should_retry):
+            raise CrmBusy(message, retry_after=retry_after_seconds(response.headers))
+        if status < 500:
+            raise EffectFailed(message)
+        raise OutcomeUnknown(f"{message} (the CRM may have committed it)")
+
+
+def _http_receipt(kind: str, body: dict[str, Any]) -> Receipt:
+    fields = ("email", "name", "company", "contact_email", "title", "amount_usd", "stage")
+    detail: dict[str, Any] = {"kind": kind}
+    detail.update({name: body[name] for name in fields if name in body})
+    if "replayed" in body:
+        detail["replayed"] = body["replayed"]
+    return Receipt(provider_id=str(body["id"]), detail=detail)
