@@ -419,6 +419,7 @@ class IntentLog:
         context: StepContext,
     ) -> EffectOutcome:
         key = request.key
+        crash_point(f"{connector.name}.before_intent")
         claim = self._claim(connector, request, context)
         if isinstance(claim, EffectOutcome):
             return claim
@@ -567,6 +568,7 @@ class IntentLog:
         request: EffectRequest,
         connector: Connector,
     ) -> None:
+        crash_point(f"{connector.name}.before_record")
         with self.ledger.transaction() as tx:
             tx.execute(
                 sa.text(
