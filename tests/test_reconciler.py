@@ -382,3 +382,30 @@ def test_the_code_location_runs_the_reconciler_by_default(
         evaluation = sensor.evaluate_tick(context)
     assert evaluation.skip_message == "1 never reached the provider (retryable)"
     assert _intent(kernel, key)["state"] == "failed"
+
+
+def test_a_charge_committed_before_the_kill_is_reconciled_by_the_payments_provider(
+    config_path: Path, kernel: Kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aios_dagster.config import PaymentsSettings
+    from aios_dagster.connectors.payments import ChargeRequest, PaymentsConnector
+    from tests.fakes.payments_server import FakePaymentsServer
+
+    secret = "sk_test_reconciler_0123456789"
+    monkeypatch.setenv("TEST_PAYMENTS_KEY", secret)
+    with FakePaymentsServer(api_key=secret) as server:
+        write_config(
+            config_path.parent,
+            {"payments": {"base_url": server.url, "api_key_env": "TEST_PAYMENTS_KEY"}},
+        )
+        key = _stuck(kernel, "payments", owner=_dead_owner(), target="cus_ada")
+        # The killed worker's charge reached the provider before the process died.
+        settings = PaymentsSettings(base_url=server.url)
+        with PaymentsConnector(settings, api_key=secret) as payments:
+            charged = payments.charge(key, ChargeRequest(amount=900, customer="cus_ada"))
+
+        assert "1 reconciled" in _tick(config_path)
+        intent = _intent(kernel, key)
+        assert intent["state"] == "succeeded" and intent["provider_id"] == charged.provider_id
+        assert len(server.payment_intents) == 1  # asked, never charged again
+        assert _tick(config_path) == "no effects stuck in flight"  # the second tick: done
