@@ -408,4 +408,10 @@ def test_a_charge_committed_before_the_kill_is_reconciled_by_the_payments_provid
         intent = _intent(kernel, key)
         assert intent["state"] == "succeeded" and intent["provider_id"] == charged.provider_id
         assert len(server.payment_intents) == 1  # asked, never charged again
+        # Its fee is booked once, as if the worker had lived to record it.
+        kernel.audit.flush()
+        [fee] = kernel.warehouse.query(
+            "SELECT amount_usd FROM audit.effect_costs WHERE idempotency_key = ?", [key]
+        )
+        assert fee["amount_usd"] == charged.detail["fee_usd"] == 0.56
         assert _tick(config_path) == "no effects stuck in flight"  # the second tick: done

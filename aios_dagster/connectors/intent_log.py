@@ -594,24 +594,31 @@ class IntentLog:
             reason=error or f"provider id {receipt.provider_id if receipt else '-'}",
             detail={"idempotency_key": key, "payload_hash": request.payload_hash},
         )
-        fee = receipt.detail.get("fee_usd") if receipt is not None else None
-        if state == "succeeded" and isinstance(fee, int | float) and fee > 0:
-            # The provider's charge for the effect, beside the model spend. One row per key:
-            # a reconciled or re-recorded outcome never books the fee twice.
-            self.audit.record_cost(
-                EffectCost(
-                    cost_id=f"fee:{key}",
-                    workflow=context.workflow,
-                    partition_key=context.partition_key,
-                    step=context.step,
-                    connector=connector.name,
-                    action=request.action,
-                    idempotency_key=key,
-                    provider_id=receipt.provider_id if receipt is not None else None,
-                    amount_usd=float(fee),
-                    run_id=context.run_id,
-                )
+        if state == "succeeded" and receipt is not None:
+            self._book_fee(key, receipt, context, connector.name, request.action)
+
+    def _book_fee(
+        self, key: str, receipt: Receipt, context: StepContext, connector: str, action: str
+    ) -> None:
+        """The provider's charge for an effect (a payment fee), beside the model spend. One row
+        per key: a reconciled or re-recorded outcome never books the fee twice."""
+        fee = receipt.detail.get("fee_usd")
+        if not isinstance(fee, int | float) or fee <= 0:
+            return
+        self.audit.record_cost(
+            EffectCost(
+                cost_id=f"fee:{key}",
+                workflow=context.workflow,
+                partition_key=context.partition_key,
+                step=context.step,
+                connector=connector,
+                action=action,
+                idempotency_key=key,
+                provider_id=receipt.provider_id,
+                amount_usd=float(fee),
+                run_id=context.run_id,
             )
+        )
 
     def reconcile_stuck(
         self,
@@ -721,13 +728,16 @@ class IntentLog:
         if moved != 1:
             return found.model_copy(update={"reason": "a run claimed or finished it meanwhile"})
         reason = error or f"provider id {receipt.provider_id if receipt else '-'}"
+        where = StepContext(
+            workflow=str(row["workflow"]),
+            step=actor,
+            partition_key=str(row["item_key"]),
+            run_id=str(row["run_id"]) if row["run_id"] else None,
+        )
+        if receipt is not None:
+            self._book_fee(key, receipt, where, name, str(row["action"]))
         self.audit.note(
-            StepContext(
-                workflow=str(row["workflow"]),
-                step=actor,
-                partition_key=str(row["item_key"]),
-                run_id=str(row["run_id"]) if row["run_id"] else None,
-            ),
+            where,
             kind="effect",
             actor=f"connector:{name}",
             subject=f"{row['action']}:{row['target']}",
