@@ -8,15 +8,12 @@ retryable for the next run, and what the provider cannot answer (SMTP) goes to t
 launches no run: deciding to perform an effect again stays with the workflow's own triggers.
 """
 
-import os
 from collections.abc import Iterator
 
 import dagster as dg
 
 from aios_dagster.connectors.base import Connector
-from aios_dagster.connectors.cms_ghost import GhostCms
-from aios_dagster.connectors.crm import WarehouseCrm
-from aios_dagster.connectors.payments import PaymentsConnector
+from aios_dagster.connectors.registry import close_all, configured_connectors
 from resources.kernel import AiosKernel
 from resources.mailer import MailerResource
 from resources.site import SitePublisherResource
@@ -28,28 +25,18 @@ def effect_connectors(
     """The connectors the workflows act through, by name, as configured right now.
 
     A connector the operator did not configure (no `smtp`, `payments` or `cms` section) is
-    absent: its stuck effects are reported and left alone rather than guessed about. The CRM in
-    the facts warehouse is always there.
+    absent: its stuck effects are reported and left alone rather than guessed about. The site
+    and the mailer come from the code location's resources (the SMTP password as its EnvVar).
     """
     connectors: dict[str, Connector] = {}
+    if aios is not None:
+        connectors.update(configured_connectors(aios.operator_config(), aios.kernel().warehouse))
+    connectors.pop("smtp", None)
     publisher = site.publisher()
     connectors[publisher.name] = publisher
     smtp = mailer.mailer()
     if smtp is not None:
         connectors[smtp.name] = smtp
-    if aios is not None:
-        config = aios.operator_config()
-        kernel = aios.kernel()
-        warehouse_crm = WarehouseCrm(kernel.warehouse)
-        connectors[warehouse_crm.name] = warehouse_crm
-        if config.payments is not None:
-            payments = PaymentsConnector(
-                config.payments, api_key=os.environ.get(config.payments.api_key_env)
-            )
-            connectors[payments.name] = payments
-        if config.cms is not None:
-            cms = GhostCms(config.cms, admin_key=os.environ.get(config.cms.admin_key_env))
-            connectors[cms.name] = cms
     return connectors
 
 
@@ -71,10 +58,7 @@ def stuck_effects_sensor(
     try:
         report = aios.kernel().intents.reconcile_stuck(connectors, actor="sensor:stuck_effects")
     finally:
-        for connector in connectors.values():
-            close = getattr(connector, "close", None)
-            if callable(close):
-                close()
+        close_all(connectors)
     for effect in report.effects:
         context.log.info(
             f"{effect.connector} {effect.action} -> {effect.target}: {effect.verdict}"

@@ -450,3 +450,25 @@ def test_a_refused_payload_is_not_retried_and_its_approval_shows_the_providers_m
     [line] = [row for row in shown.output.splitlines() if "effect:" in row]
     assert "refund -> cus_ada: failed" in line
     assert str(refused.value)[:40] in " ".join(shown.output.split())
+
+
+def test_a_charge_is_compensated_by_one_full_refund(
+    server: FakePaymentsServer, payments: PaymentsConnector, intents: IntentLog
+) -> None:
+    request = _request("order-7")
+    charged = intents.execute(
+        payments, request, lambda key: payments.charge(key, CHARGE), _context()
+    )
+    for attempt in ("run-undo", "run-undo-again"):
+        undone = intents.compensate(payments, request.key, _context(attempt), reason="refunded")
+    assert undone.replayed and undone.state == "succeeded"
+    (refund,) = server.refunds
+    assert refund["payment_intent"] == charged.provider_id and refund["amount"] == 2000
+
+    # The refund is not undone in turn: refused before the provider is asked.
+    from aios_dagster.connectors.intent_log import CompensationRefused
+
+    undo_key = next(e for e in intents.effects() if e.action == "compensate:charge")
+    with pytest.raises(CompensationRefused, match="itself a compensation"):
+        intents.compensate(payments, undo_key.idempotency_key, _context("run-x"), reason="x")
+    assert len(server.refunds) == 1

@@ -10,7 +10,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from aios_dagster.audit import StepContext
 from aios_dagster.cli.session import console, fail, load
+from aios_dagster.connectors.base import CannotCompensate, ConnectorError
+from aios_dagster.connectors.intent_log import CompensationRefused
+from aios_dagster.connectors.registry import close_all, configured_connectors
 
 app = typer.Typer(help="Inspect side effects and resolve the uncertain ones.", no_args_is_help=True)
 
@@ -79,4 +83,42 @@ def resolve(
     console.print(
         f"{resolved.idempotency_key} ({escape(resolved.action)} -> "
         f"{escape(resolved.target)}) {verdict}."
+    )
+
+
+@app.command("compensate")
+def compensate(
+    key: Annotated[str, typer.Argument(help="The effect to undo: key or a unique prefix.")],
+    note: Annotated[str, typer.Option("--note", help="Why it is undone (kept in the audit).")],
+) -> None:
+    """Undo an effect that succeeded (withdraw a post, unpublish it, refund a charge), once.
+
+    For multi-step work that cannot be completed (the post went out, the emails never can):
+    the undoing is an effect of its own, `compensate:<action>`, listed beside the original.
+    """
+    _, kernel = load()
+    record = kernel.intents.effects_by_key(key)
+    if record is None:
+        raise fail(f"no single effect matches '{key}' (see: aios effects list)")
+    connectors = configured_connectors(kernel.config, kernel.warehouse)
+    try:
+        connector = connectors.get(record.connector)
+        if connector is None:
+            raise fail(f"{record.connector} is not configured: nothing can undo this effect")
+        actor = f"operator:{kernel.config.operator.email} (cli:{getpass.getuser()})"
+        context = StepContext(
+            workflow=record.workflow, step=f"cli:{actor}", partition_key=record.item_key
+        )
+        outcome = kernel.intents.compensate(
+            connector, record.idempotency_key, context, reason=f"{actor}: {note}"
+        )
+    except (CompensationRefused, CannotCompensate, ConnectorError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        kernel.audit.flush()
+        close_all(connectors)
+    how = "already undone" if outcome.replayed else "undone"
+    console.print(
+        f"{record.idempotency_key} ({escape(record.action)} -> {escape(record.target)}) {how}:"
+        f" {escape(outcome.provider_id or '')} (effect {outcome.key})."
     )

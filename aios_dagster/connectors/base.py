@@ -81,10 +81,25 @@ class OutcomeUnknowable(ConnectorError):
     """The provider cannot be asked about past effects; the operator must decide."""
 
 
+class CannotCompensate(EffectFailed):
+    """This kind of effect cannot be undone by its provider (an email cannot be unsent).
+    Nothing was done, so it is a definite failure, never retried."""
+
+
 class Connector(ABC):
     """A provider of side effects reached only through the intent log."""
 
     name: str = "connector"
+
+    def compensate(self, key: str, original: Receipt) -> Receipt:
+        """Undo an effect that succeeded (unpublish a post, refund a charge), under a key of
+        its own so the undoing happens once too. Providers that cannot undo say so."""
+        raise CannotCompensate(f"{self.name} cannot undo an effect once it has happened")
+
+    @property
+    def can_compensate(self) -> bool:
+        """Whether this provider undoes effects at all (checked before an undo is recorded)."""
+        return type(self).compensate is not Connector.compensate
 
     @abstractmethod
     def lookup(self, key: str) -> Receipt | None:

@@ -148,6 +148,10 @@ class GhostCms(Connector):
 
         return self._receipt(self._edit(post_id, change), "unpublish")
 
+    def compensate(self, key: str, original: Receipt) -> Receipt:
+        """Undo a published post: unpublish it (back to draft), once, under its own key."""
+        return self.unpublish(key, original.provider_id)
+
     def lookup(self, key: str) -> Receipt | None:
         """The post an effect with this key touched, found by the key's internal tag; None
         when no post carries it (the effect surely did not happen)."""

@@ -150,6 +150,14 @@ class EffectNeedsOperator(RuntimeError):
     """The effect's outcome cannot be known; the operator must look before anything is resent."""
 
 
+COMPENSATE_PREFIX = "compensate:"
+"""The action of an effect that undoes another: `compensate:<the undone action>`."""
+
+
+class CompensationRefused(RuntimeError):
+    """The effect cannot be compensated as asked (unknown, not succeeded, itself an undo)."""
+
+
 class EffectInProgress(RuntimeError):
     """Another live process holds this effect; try again later."""
 
@@ -241,6 +249,66 @@ class IntentLog:
                 .all()
             )
         return [IntentRecord.model_validate(dict(row)) for row in rows]
+
+    def compensate(
+        self, connector: Connector, key: str, context: StepContext, *, reason: str
+    ) -> EffectOutcome:
+        """Undo a succeeded effect, as an effect of its own (`compensate:<action>`) under the
+        same exactly-once rules: the operator sees both, and the undoing happens once.
+
+        Raises CompensationRefused when the effect is not one that succeeded, and the
+        connector's CannotCompensate when its provider cannot undo it (an email).
+        """
+        with self.ledger.transaction() as tx:
+            row = (
+                tx.execute(
+                    sa.text(
+                        "SELECT workflow, item_key, action, target, connector, payload_hash,"
+                        " state, provider_id, outcome FROM intents WHERE idempotency_key = :k"
+                    ),
+                    {"k": key},
+                )
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise CompensationRefused(f"no effect '{key}' (see: aios effects list)")
+        if row["state"] != "succeeded" or row["provider_id"] is None:
+            raise CompensationRefused(
+                f"effect {key} is {row['state']}: only an effect that succeeded can be undone"
+            )
+        if str(row["action"]).startswith(COMPENSATE_PREFIX):
+            raise CompensationRefused(f"effect {key} is itself a compensation")
+        if row["connector"] != connector.name:
+            raise CompensationRefused(
+                f"effect {key} went through {row['connector']}, not {connector.name}"
+            )
+        if not connector.can_compensate:
+            raise CompensationRefused(f"{connector.name} cannot undo an effect once it happened")
+        original = Receipt(
+            provider_id=str(row["provider_id"]),
+            detail=json.loads(row["outcome"]) if row["outcome"] else {},
+        )
+        request = EffectRequest(
+            workflow=str(row["workflow"]),
+            item_key=str(row["item_key"]),
+            action=f"{COMPENSATE_PREFIX}{row['action']}",
+            target=str(row["target"]),
+            payload_hash=str(row["payload_hash"]),
+        )
+        outcome = self.execute(
+            connector, request, lambda undo_key: connector.compensate(undo_key, original), context
+        )
+        self.audit.note(
+            context,
+            kind="effect",
+            actor=f"connector:{connector.name}",
+            subject=f"{row['action']}:{row['target']}",
+            decision="compensated" if not outcome.replayed else "compensation replayed",
+            reason=reason,
+            detail={"idempotency_key": key, "compensated_by": request.key},
+        )
+        return outcome
 
     def effects_of_payload(
         self, workflow: str, item_key: str, payload_hash: str

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aios_dagster.config import PaymentsSettings as PaymentsSettings
 from aios_dagster.connectors.base import (
+    CannotCompensate,
     Connector,
     EffectFailed,
     HealthReport,
@@ -171,6 +172,15 @@ class PaymentsConnector(Connector):
         receipt = self._refund_receipt(response.json())
         receipt.detail["replayed"] = response.headers.get("Idempotent-Replayed") == "true"
         return receipt
+
+    def compensate(self, key: str, original: Receipt) -> Receipt:
+        """Undo a charge by refunding what is left of it, once, under its own key. A refund
+        is not undone (charge again instead)."""
+        if original.detail.get("kind") != "charge":
+            raise CannotCompensate(
+                f"payments can refund a charge, not undo a {original.detail.get('kind')}"
+            )
+        return self.refund(key, RefundRequest(payment_intent=original.provider_id))
 
     def lookup(self, key: str) -> Receipt | None:
         """The charge or refund made under `key`, found by its ``metadata[aios_key]``.

@@ -103,12 +103,43 @@ class StaticSitePublisher(Connector):
         return self._receipt(record)
 
     def lookup(self, key: str) -> Receipt | None:
-        """The receipt for a post published under this key, repairing index and feed."""
+        """The receipt for a post published (or withdrawn) under this key, repairing index and
+        feed."""
         for record in self.records():
             if record.idempotency_key == key:
                 self.rebuild()
                 return self._receipt(record)
+        withdrawn = self.withdrawn_dir / f"{key}.json"
+        if withdrawn.exists():
+            self.rebuild()
+            return Receipt.model_validate_json(withdrawn.read_bytes())
         return None
+
+    @property
+    def withdrawn_dir(self) -> Path:
+        """Where withdrawn posts are kept (out of the index and feed, never deleted)."""
+        return self.site_dir / "withdrawn"
+
+    def compensate(self, key: str, original: Receipt) -> Receipt:
+        """Withdraw a published post: it leaves the index and the feed, its files are kept
+        under `withdrawn/`. Safe to repeat; `lookup(key)` finds the withdrawal afterwards."""
+        marker = self.withdrawn_dir / f"{key}.json"
+        if marker.exists():
+            return Receipt.model_validate_json(marker.read_bytes())
+        slug = next((r.slug for r in self.records() if r.url == original.provider_id), None)
+        if slug is not None:
+            for suffix in (".html", ".md", ".json"):
+                source = self.records_dir / f"{slug}{suffix}"
+                if source.exists():
+                    self.withdrawn_dir.mkdir(parents=True, exist_ok=True)
+                    source.replace(self.withdrawn_dir / f"{slug}{suffix}")
+        receipt = Receipt(
+            provider_id=f"withdrawn:{original.provider_id}",
+            detail={"withdrew": original.provider_id, "found": slug is not None},
+        )
+        self.rebuild()
+        atomic_write(marker, receipt.model_dump_json(indent=2))
+        return receipt
 
     def records(self) -> list[SiteRecord]:
         """All published posts, newest first."""
