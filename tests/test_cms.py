@@ -274,6 +274,19 @@ def test_unpublish_is_an_idempotent_compensation(
     assert key_tag_slug(_request().key) in {t["slug"] for t in post["tags"]}
 
 
+def test_a_published_post_is_compensated_by_unpublishing_it_once(
+    server: FakeGhostServer, cms: GhostCms, intents: IntentLog
+) -> None:
+    request = _request()
+    _publish(intents, cms, request)
+    first = intents.compensate(cms, request.key, CONTEXT, reason="the emails cannot go out")
+    second = intents.compensate(cms, request.key, CONTEXT, reason="clicked twice")
+    assert server.posts[0]["status"] == "draft" and len(server.posts) == 1
+    assert not first.replayed and second.replayed
+    assert len(_writes(server, "PUT")) == 1
+    assert intents.state_of(request.key) == "succeeded"  # the publish stays on record
+
+
 def test_validation_error_is_final_and_keeps_ghosts_message(
     server: FakeGhostServer, cms: GhostCms, intents: IntentLog, ledger: Ledger
 ) -> None:
