@@ -46,6 +46,7 @@ from aios_dagster.audit import AuditLog, StepContext
 from aios_dagster.config import SmtpSettings
 from aios_dagster.connectors.base import Connector, ConnectorError, EffectRequest, Receipt
 from aios_dagster.connectors.cms_ghost import CmsPost, GhostCms, GhostCmsSettings, key_tag
+from aios_dagster.connectors.crm import Contact, CrmHttpSettings, HttpCrm, Note
 from aios_dagster.connectors.email_smtp import OutgoingEmail, SmtpMailer, message_id_for
 from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator, IntentLog
 from aios_dagster.connectors.payments import (
@@ -59,7 +60,7 @@ from aios_dagster.crashpoints import CRASH_ENV_VAR
 from aios_dagster.ledger import Ledger
 from aios_dagster.warehouse import Warehouse
 from tests.conftest import free_port
-from tests.fakes import FakeGhostServer, FakePaymentsServer
+from tests.fakes import FakeCrmServer, FakeGhostServer, FakePaymentsServer
 
 SEEDS = (0, 1, 2, 3, 4)
 NAMED_POINTS = ("before_intent", "before_call", "after_call", "before_record")
@@ -334,8 +335,61 @@ class CmsProvider(Provider):
         return len(self.server.posts)
 
 
+class CrmProvider(Provider):
+    """The HTTP CRM: each effect is a note on one contact; a note carries its key in its body,
+    so the provider's notes can be counted per key."""
+
+    name = "crm_http"
+    TOKEN = "crm_campaign_token"
+    CONTACT = "reader@example.org"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.server = FakeCrmServer(token=self.TOKEN)
+
+    def start(self) -> None:
+        self.server.start()
+        crm = self.connector(0)
+        try:
+            assert isinstance(crm, HttpCrm)
+            crm.upsert_contact("idem_campaign_contact", Contact(email=self.CONTACT))
+        finally:
+            self.close(crm)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    @property
+    def port(self) -> int | None:
+        return int(self.server.url.rsplit(":", 1)[1])
+
+    def connector(self, trial: int) -> Connector:
+        settings = CrmHttpSettings(base_url=self.server.url, timeout_seconds=10)
+        return HttpCrm(settings, token=self.TOKEN, transport=_plain_http())
+
+    def perform(self, connector: Connector, item: EffectRequest) -> Callable[[str], Receipt]:
+        assert isinstance(connector, HttpCrm)
+        return lambda key: connector.add_note(
+            key, Note(contact_email=self.CONTACT, body=f"reply to {item.item_key} [{key}]")
+        )
+
+    def _counts(self) -> Counter[str]:
+        return Counter(
+            str(note["body"]).rsplit("[", 1)[-1].rstrip("]")
+            for note in self.server.notes
+            if "[" in str(note["body"])
+        )
+
+    def effects(self, keys: dict[int, list[str]]) -> dict[str, int]:
+        counts = self._counts()
+        return {key: counts[key] for group in keys.values() for key in group}
+
+    def total_effects(self) -> int:
+        return len(self.server.notes)
+
+
 PROVIDERS: dict[str, type[Provider]] = {
-    p.name: p for p in (SiteProvider, SmtpProvider, PaymentsProvider, CmsProvider)
+    p.name: p for p in (SiteProvider, SmtpProvider, PaymentsProvider, CmsProvider, CrmProvider)
 }
 
 

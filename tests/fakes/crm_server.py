@@ -103,6 +103,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     fake: FakeCrmServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet: a client that vanished mid-request (a killed worker) is not a server bug."""
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
