@@ -47,17 +47,15 @@ import json
 import re
 import secrets
 import socket
-import threading
 import time
-import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, ClassVar, Literal, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.fakes.local_server import LocalHTTPFake, TrackedHandler
 
 JSONObject: TypeAlias = dict[str, Any]
 """A decoded JSON object."""
@@ -169,50 +167,29 @@ def _error(status_type: str, message: str, context: str | None = None) -> JSONOb
     }
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeGhostServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        self.fake._server_errors.append(traceback.format_exc())
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(TrackedHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeGhost/5.0"
     disable_nagle_algorithm = True
     timeout: ClassVar[float] = 30.0
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the recorded requests are the log."""
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.fake._track(self.connection)
-
-    def finish(self) -> None:
-        with contextlib.suppress(OSError):
-            super().finish()
-        self.server.fake._untrack(self.connection)
 
     # -- routing -------------------------------------------------------------------------
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 - http.server dispatches on this name
         self._route(None)
 
-    def do_POST(self) -> None:
+    def do_POST(self) -> None:  # noqa: N802 - http.server dispatches on this name
         self._route(self._read_json())
 
-    def do_PUT(self) -> None:
+    def do_PUT(self) -> None:  # noqa: N802 - http.server dispatches on this name
         self._route(self._read_json())
 
-    def do_DELETE(self) -> None:
+    def do_DELETE(self) -> None:  # noqa: N802 - http.server dispatches on this name
         self._read_body()
         self._route(None)
 
     def _route(self, body: JSONObject | None) -> None:
-        fake = self.server.fake
+        fake: FakeGhostServer = self.server.fake
         parts = urlsplit(self.path)
         record = RecordedRequest(
             method=self.command,
@@ -260,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _posts(
         self, route: list[str], record: RecordedRequest, fault: CmsFault | None
     ) -> tuple[int, JSONObject]:
-        fake = self.server.fake
+        fake: FakeGhostServer = self.server.fake
         method = self.command
         if method == "GET" and not route:
             return 200, fake._browse(record.query)
@@ -336,8 +313,11 @@ class _Handler(BaseHTTPRequestHandler):
             record.response = None
 
 
-class FakeGhostServer:
+class FakeGhostServer(LocalHTTPFake):
     """A Ghost Admin API (posts) server in a background thread on 127.0.0.1."""
+
+    handler_class = _Handler
+    label = "fake Ghost server"
 
     def __init__(
         self,
@@ -350,71 +330,11 @@ class FakeGhostServer:
         """`port` 0 lets the OS choose a free one; read it back from `url` after `start()`."""
         self.key = admin_key or AdminKey()
         self.latency = latency
-        self._address = (host, port)
-        self._lock = threading.Lock()
+        super().__init__(host=host, port=port)
         self._posts: list[JSONObject] = []
         self._requests: list[RecordedRequest] = []
         self._faults: deque[CmsFault] = deque()
-        self._server_errors: list[str] = []
-        self._connections: set[socket.socket] = set()
-        self._stopping = threading.Event()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._last_update = datetime.now(UTC)
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self) -> FakeGhostServer:
-        """Bind and serve in a daemon thread; returns self."""
-        if self._httpd is not None:
-            raise RuntimeError("the fake Ghost server is already running")
-        self._stopping.clear()
-        httpd = _Server(self._address, _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"fake-ghost-{httpd.server_address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, release stalled handlers and close open connections."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        self._stopping.set()
-        httpd.shutdown()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeGhostServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:<port>``: the site and Admin API root (``admin_url``)."""
-        if self._httpd is None:
-            raise RuntimeError("the fake Ghost server is not running")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     @property
     def site_url(self) -> str:
@@ -444,11 +364,6 @@ class FakeGhostServer:
         """Every request received, in order."""
         with self._lock:
             return list(self._requests)
-
-    @property
-    def server_errors(self) -> list[str]:
-        """Tracebacks of handler errors (a bug in the fake, or a client hanging up)."""
-        return list(self._server_errors)
 
     def post_by_slug(self, slug: str) -> JSONObject | None:
         """The committed post with this slug."""
@@ -483,17 +398,6 @@ class FakeGhostServer:
         return ".".join([*parts, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()])
 
     # -- internals -----------------------------------------------------------------------
-
-    def _pause(self, seconds: float) -> bool:
-        return not self._stopping.wait(seconds)
-
-    def _track(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(connection)
-
-    def _untrack(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(connection)
 
     def _record(self, record: RecordedRequest) -> None:
         with self._lock:

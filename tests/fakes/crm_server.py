@@ -36,10 +36,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, ClassVar, Literal, TypeAlias
 from urllib.parse import urlsplit
+
+from tests.fakes.local_server import LocalHTTPFake, TrackedHandler
 
 JSONObject: TypeAlias = dict[str, Any]
 """A decoded JSON object."""
@@ -99,34 +99,13 @@ def _error(code: str, message: str) -> JSONObject:
     return {"error": {"code": code, "message": message}}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeCrmServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Quiet: a client that vanished mid-request (a killed worker) is not a server bug."""
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(TrackedHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     timeout: ClassVar[float] = 30.0
-    server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the recorded requests are the log."""
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.fake._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        with contextlib.suppress(OSError):
-            super().finish()
-        self.server.fake._track(self.connection, add=False)
-
-    def do_GET(self) -> None:
-        fake = self.server.fake
+    def do_GET(self) -> None:  # noqa: N802 - http.server dispatches on this name
+        fake: FakeCrmServer = self.server.fake
         record = fake._record(self._recorded(None))
         if not self._authorized(record):
             return
@@ -142,8 +121,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(record, 404, _error("not_found", f"No route GET {path}."))
 
-    def do_POST(self) -> None:
-        fake = self.server.fake
+    def do_POST(self) -> None:  # noqa: N802 - http.server dispatches on this name
+        fake: FakeCrmServer = self.server.fake
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
         try:
@@ -235,14 +214,18 @@ class _Handler(BaseHTTPRequestHandler):
             record.status = None
 
 
-class FakeCrmServer:
+class FakeCrmServer(LocalHTTPFake):
     """A REST CRM in a background thread on 127.0.0.1, with idempotency and faults."""
 
-    def __init__(self, *, token: str = "crm_test_token", host: str = "127.0.0.1") -> None:
+    handler_class = _Handler
+    label = "fake CRM server"
+
+    def __init__(
+        self, *, token: str = "crm_test_token", host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         """Binds a free port on `start()`; read it back from `url`."""
         self.token = token
-        self._address = (host, 0)
-        self._lock = threading.Lock()
+        super().__init__(host=host, port=port)
         self._requests: list[RecordedCrmRequest] = []
         self._faults: deque[CrmFault] = deque()
         self._idempotency: dict[str, tuple[str, str, int, JSONObject] | None] = {}
@@ -251,54 +234,6 @@ class FakeCrmServer:
         self._notes: dict[str, JSONObject] = {}
         self._deals: dict[tuple[str, str], JSONObject] = {}
         self._ids = itertools.count(1)
-        self._connections: set[socket.socket] = set()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> FakeCrmServer:
-        """Bind and serve in a daemon thread; returns self."""
-        httpd = _Server(self._address, _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close open connections."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        httpd.shutdown()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeCrmServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:<port>``."""
-        if self._httpd is None:
-            raise RuntimeError("the fake CRM is not running")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     def fail_next(self, *faults: CrmFault) -> None:
         """Queue faults: each later POST consumes one, in order."""
@@ -346,13 +281,6 @@ class FakeCrmServer:
             pause.wait(0.005)
 
     # -- used by the handler ---------------------------------------------------------------
-
-    def _track(self, connection: socket.socket, *, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._connections.add(connection)
-            else:
-                self._connections.discard(connection)
 
     def _record(self, record: RecordedCrmRequest) -> RecordedCrmRequest:
         with self._lock:

@@ -55,16 +55,14 @@ import math
 import random
 import socket
 import struct
-import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, ClassVar, Literal, TypeAlias
 from urllib.parse import urlsplit
+
+from tests.fakes.local_server import LocalHTTPFake, TrackedHandler
 
 JSONObject: TypeAlias = dict[str, Any]
 """A decoded JSON object."""
@@ -375,40 +373,18 @@ def _error_body(message: str, kind: str, code: str | None = None) -> JSONObject:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeOpenAIServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hung up (timeouts, drops) is expected here; anything else is kept.
-        self.fake._server_errors.append(traceback.format_exc())
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(TrackedHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeOpenAI/1.0"
     # Headers and body go out in separate writes: without TCP_NODELAY each answer waits ~40 ms
     # for the client's delayed ACK, which "zero latency" must not include.
     disable_nagle_algorithm = True
     timeout: ClassVar[float] = 30.0  # idle keep-alive connections end eventually
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the recorded requests are the log."""
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.fake._track(self.connection)
-
-    def finish(self) -> None:
-        with contextlib.suppress(OSError):
-            super().finish()
-        self.server.fake._untrack(self.connection)
 
     # -- routing -------------------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        fake = self.server.fake
+    def do_GET(self) -> None:  # noqa: N802 - http.server dispatches on this name
+        fake: FakeOpenAIServer = self.server.fake
         path = urlsplit(self.path).path.rstrip("/")
         record = fake._record(self._recorded(None))
         if not self._authorized(record):
@@ -429,7 +405,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self._send_json(record, 404, _error_body(f"Unknown path {path}", "invalid_request_error"))
 
-    def do_POST(self) -> None:
+    def do_POST(self) -> None:  # noqa: N802 - http.server dispatches on this name
         path = urlsplit(self.path).path.rstrip("/")
         raw = self._read_body()
         try:
@@ -460,7 +436,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- chat completions ----------------------------------------------------------------
 
     def _chat_completion(self, record: RecordedRequest, body: JSONObject) -> None:
-        fake = self.server.fake
+        fake: FakeOpenAIServer = self.server.fake
         problem = _request_problem(body)
         if problem is not None:
             self._send_json(record, 400, _error_body(problem, "invalid_request_error"))
@@ -500,7 +476,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- embeddings ----------------------------------------------------------------------
 
     def _embeddings(self, record: RecordedRequest, body: JSONObject) -> None:
-        fake = self.server.fake
+        fake: FakeOpenAIServer = self.server.fake
         texts, problem = _embedding_inputs(body)
         if problem is not None:
             self._send_json(record, 400, _error_body(problem, "invalid_request_error"))
@@ -673,8 +649,11 @@ def _request_problem(body: JSONObject) -> str | None:
     return None
 
 
-class FakeOpenAIServer:
+class FakeOpenAIServer(LocalHTTPFake):
     """An OpenAI-compatible chat completions server in a background thread on 127.0.0.1."""
+
+    handler_class = _Handler
+    label = "fake OpenAI server"
 
     def __init__(
         self,
@@ -700,71 +679,11 @@ class FakeOpenAIServer:
         self.api_key = api_key
         self.models: list[str] = list(models)
         self.responder_errors: list[Exception] = []
-        self._address = (host, port)
-        self._lock = threading.Lock()
+        super().__init__(host=host, port=port)
         self._requests: list[RecordedRequest] = []
         self._faults: deque[Fault] = deque()
         self._always: Fault | None = None
         self._ids = itertools.count(1)
-        self._stopping = threading.Event()
-        self._connections: set[socket.socket] = set()
-        self._server_errors: list[str] = []
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self) -> FakeOpenAIServer:
-        """Bind and serve in a daemon thread; returns self."""
-        if self._httpd is not None:
-            raise RuntimeError("the fake OpenAI server is already running")
-        self._stopping.clear()
-        httpd = _Server(self._address, _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"fake-openai-{httpd.server_address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, release stalled handlers and close open connections."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        self._stopping.set()
-        httpd.shutdown()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:<port>`` (no path)."""
-        if self._httpd is None:
-            raise RuntimeError("the fake OpenAI server is not running")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     @property
     def base_url(self) -> str:
@@ -835,11 +754,6 @@ class FakeOpenAIServer:
             r for r in self.requests if r.method == "POST" and r.path.rstrip("/") in EMBEDDING_PATHS
         ]
 
-    @property
-    def server_errors(self) -> list[str]:
-        """Tracebacks of handler errors (mostly clients that hung up mid-answer)."""
-        return list(self._server_errors)
-
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[RecordedRequest]:
         """Poll until at least `count` requests arrived; raises TimeoutError at the deadline."""
         deadline = time.monotonic() + timeout
@@ -869,18 +783,6 @@ class FakeOpenAIServer:
     def _take_embedding_fault(self) -> Fault | None:
         with self._lock:
             return self._embedding_faults.popleft() if self._embedding_faults else None
-
-    def _pause(self, seconds: float) -> bool:
-        """Wait, unless the server stops first (then False)."""
-        return not self._stopping.wait(seconds)
-
-    def _track(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(connection)
-
-    def _untrack(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(connection)
 
     def _model_entry(self, model: str) -> JSONObject:
         return {"id": model, "object": "model", "created": 1_700_000_000, "owned_by": "fake"}

@@ -50,13 +50,12 @@ import re
 import socket
 import threading
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, ClassVar, Literal, TypeAlias
 from urllib.parse import parse_qsl, urlsplit
+
+from tests.fakes.local_server import LocalHTTPFake, TrackedHandler
 
 JSONObject: TypeAlias = dict[str, Any]
 """A decoded JSON object."""
@@ -146,37 +145,16 @@ def _error(
     return {"error": {"type": kind, "code": code, "message": message, "param": param}}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakePaymentsServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        self.fake._server_errors.append(traceback.format_exc())
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(TrackedHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeStripe/1.0"
     disable_nagle_algorithm = True
     timeout: ClassVar[float] = 30.0
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the recorded requests are the log."""
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.fake._track(self.connection)
-
-    def finish(self) -> None:
-        with contextlib.suppress(OSError):
-            super().finish()
-        self.server.fake._untrack(self.connection)
 
     # -- routing -------------------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        fake = self.server.fake
+    def do_GET(self) -> None:  # noqa: N802 - http.server dispatches on this name
+        fake: FakePaymentsServer = self.server.fake
         record = fake._record(self._recorded([]))
         if self._api_key(record) is None:
             return
@@ -201,8 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
                 _error("invalid_request_error", f"Unrecognized request URL (GET: {path})."),
             )
 
-    def do_POST(self) -> None:
-        fake = self.server.fake
+    def do_POST(self) -> None:  # noqa: N802 - http.server dispatches on this name
+        fake: FakePaymentsServer = self.server.fake
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
         form = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
@@ -327,8 +305,15 @@ class _Handler(BaseHTTPRequestHandler):
             record.response = None
 
 
-class FakePaymentsServer:
+class FakePaymentsServer(LocalHTTPFake):
     """A Stripe-shaped payments API in a background thread on 127.0.0.1."""
+
+    handler_class = _Handler
+    label = "fake payments server"
+
+    def _release_waiters(self) -> None:
+        """A held commit must not keep `stop()` waiting."""
+        self._commit_gate.set()
 
     def __init__(
         self,
@@ -344,8 +329,7 @@ class FakePaymentsServer:
         self.api_keys = frozenset((api_key, *extra_api_keys))
         self.latency = latency
         self.search_lag = search_lag
-        self._address = (host, port)
-        self._lock = threading.Lock()
+        super().__init__(host=host, port=port)
         self._requests: list[RecordedPaymentRequest] = []
         self._faults: deque[PaymentFault] = deque()
         self._idempotency: dict[tuple[str, str], _Stored] = {}
@@ -357,66 +341,6 @@ class FakePaymentsServer:
         self._ids = itertools.count(1)
         self._commit_gate = threading.Event()
         self._commit_gate.set()
-        self._stopping = threading.Event()
-        self._connections: set[socket.socket] = set()
-        self._server_errors: list[str] = []
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def start(self) -> FakePaymentsServer:
-        """Bind and serve in a daemon thread; returns self."""
-        if self._httpd is not None:
-            raise RuntimeError("the fake payments server is already running")
-        self._stopping.clear()
-        httpd = _Server(self._address, _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"fake-payments-{httpd.server_address[1]}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, release held commits and close open connections."""
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
-            return
-        self._stopping.set()
-        self._commit_gate.set()
-        httpd.shutdown()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakePaymentsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:<port>`` (the connector adds ``/v1/...``)."""
-        if self._httpd is None:
-            raise RuntimeError("the fake payments server is not running")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     # -- control -------------------------------------------------------------------------
 
@@ -468,11 +392,6 @@ class FakePaymentsServer:
         with self._lock:
             return [key for (_, key), stored in self._idempotency.items() if stored.in_progress]
 
-    @property
-    def server_errors(self) -> list[str]:
-        """Tracebacks of handler errors (mostly clients that hung up mid-answer)."""
-        return list(self._server_errors)
-
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
         """Poll `predicate()` until true; raises TimeoutError at the deadline."""
         deadline = time.monotonic() + timeout
@@ -483,14 +402,6 @@ class FakePaymentsServer:
 
     # -- used by the handler -------------------------------------------------------------
 
-    def _track(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(connection)
-
-    def _untrack(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(connection)
-
     def _record(self, record: RecordedPaymentRequest) -> RecordedPaymentRequest:
         with self._lock:
             self._requests.append(record)
@@ -499,9 +410,6 @@ class FakePaymentsServer:
     def _take_fault(self) -> PaymentFault | None:
         with self._lock:
             return self._faults.popleft() if self._faults else None
-
-    def _pause(self, seconds: float) -> bool:
-        return not self._stopping.wait(seconds)
 
     def _wait_for_commit(self) -> bool:
         while not self._commit_gate.wait(0.05):
