@@ -253,24 +253,19 @@ def test_exactly_one_probe_across_threads(ledger: Ledger, audit: AuditLog, clock
 
 
 _CHILD = """
-import sys, time
+import sys
 from pathlib import Path
 from aios_dagster.config import BreakerSettings
 from aios_dagster.ledger import Ledger
 from aios_dagster.policy.breakers import BreakerOpen, CircuitBreakers
 
 ledger = Ledger.at(Path(sys.argv[1]))
-go = Path(sys.argv[2])
 breakers = CircuitBreakers(ledger, BreakerSettings(failure_threshold=3, cooldown_seconds=30))
-breakers.get(sys.argv[3])  # connect and check the schema before the start line
+breakers.get(sys.argv[2])  # connect and check the schema before the start line
 print("ready", flush=True)
-deadline = time.monotonic() + 60
-while not go.exists():
-    if time.monotonic() > deadline:
-        sys.exit(3)
-    time.sleep(0.001)
+sys.stdin.readline()  # the start line: every child is ready, all race at once
 try:
-    print("probe" if breakers.admit(sys.argv[3]) else "closed", flush=True)
+    print("probe" if breakers.admit(sys.argv[2]) else "closed", flush=True)
 except BreakerOpen:
     print("refused", flush=True)
 sys.stdin.read()  # stay alive (a live probe owner) until the test has every answer
@@ -284,11 +279,10 @@ def test_exactly_one_probe_across_processes_and_a_dead_probe_is_replaced(
     # the cool-down and races for the probe.
     an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
     _open(CircuitBreakers(ledger, SETTINGS, clock=lambda: an_hour_ago))
-    go = tmp_path / "go"
     database = str(tmp_path / "ledger.sqlite")
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", _CHILD, database, str(go), LLM],
+            [sys.executable, "-c", _CHILD, database, LLM],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -300,7 +294,10 @@ def test_exactly_one_probe_across_processes_and_a_dead_probe_is_replaced(
         for child in children:
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "ready"
-        go.touch()
+        for child in children:  # the start line, to every child before any answer is read
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
         answers = []
         for child in children:
             assert child.stdout is not None

@@ -42,6 +42,7 @@ from aios_dagster.policy.budgets import (
     micros_up,
 )
 from tests.conftest import IN_CI, REPO, python_bin
+from tests.polling import wait_until
 
 NOW = datetime(2026, 11, 26, 15, 30, tzinfo=UTC)
 WF = "newsletter"
@@ -826,10 +827,12 @@ def test_idle_leases_close_by_themselves_and_the_kernel_leases(
         budgets.reserve(workflow=WF, run_id="r1", purpose="p", model="m", amount_usd=0.01), 0.004
     )
     assert totals(ledger)["month:2026-11"] == (0, 160_000, 0)
-    deadline = time.monotonic() + 10
-    while totals(ledger)["month:2026-11"] != (4_000, 0, 0) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert totals(ledger)["month:2026-11"] == (4_000, 0, 0)
+    wait_until(
+        lambda: totals(ledger)["month:2026-11"] == (4_000, 0, 0),
+        timeout=10,
+        what="the idle lease closing by itself",
+        interval=0.05,
+    )
 
 
 def test_a_killed_process_keeps_its_lease_counting_until_reconciled_and_released(

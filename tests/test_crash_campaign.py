@@ -61,6 +61,7 @@ from aios_dagster.ledger import Ledger
 from aios_dagster.warehouse import Warehouse
 from tests.conftest import free_port
 from tests.fakes import FakeCrmServer, FakeGhostServer, FakePaymentsServer
+from tests.polling import wait_until
 
 SEEDS = (0, 1, 2, 3, 4)
 NAMED_POINTS = ("before_intent", "before_call", "after_call", "before_record")
@@ -129,10 +130,12 @@ class Provider:
         port = self.port
         if port is None:
             return
-        deadline = time.monotonic() + DEADLINE_SECONDS
-        while _server_busy(port):
-            assert time.monotonic() < deadline, f"{self.name}: provider still busy on :{port}"
-            time.sleep(0.001)
+        wait_until(
+            lambda: not _server_busy(port),
+            timeout=DEADLINE_SECONDS,
+            what=f"{self.name}: the provider on :{port} done with a dead worker's connections",
+            interval=0.001,
+        )
 
 
 def _server_busy(port: int) -> bool:

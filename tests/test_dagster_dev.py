@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, free_port, write_config
+from tests.polling import wait_until
 from tests.test_cli_e2e import cli_env, make_dagster_home, tool
 
 pytestmark = pytest.mark.cli
@@ -131,23 +132,29 @@ def _group_alive(pgid: int) -> bool:
 
 def _wait_for_location(port: int, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
     """Poll the GraphQL API until the code location is LOADED; fail early if the server dies."""
-    deadline = time.monotonic() + LOAD_DEADLINE_S
-    last: str = "no answer yet"
-    while time.monotonic() < deadline:
+    last = ["no answer yet"]
+
+    def loaded() -> dict[str, Any] | None:
         if proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode} before loading:\n{_tail(log)}")
         try:
             data = graphql(port, WORKSPACE_QUERY, timeout=5.0)
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        else:
-            entries = data["workspaceOrError"].get("locationEntries") or []
-            statuses = {e["name"]: e["loadStatus"] for e in entries}
-            last = f"locations {statuses}"
-            if entries and all(s == "LOADED" for s in statuses.values()):
-                return data
-        time.sleep(POLL_INTERVAL_S)  # poll interval, bounded by the deadline above
-    pytest.fail(f"code location not loaded within {LOAD_DEADLINE_S:.0f}s ({last}):\n{_tail(log)}")
+            last[0] = f"{type(exc).__name__}: {exc}"
+            return None
+        entries = data["workspaceOrError"].get("locationEntries") or []
+        statuses = {e["name"]: e["loadStatus"] for e in entries}
+        last[0] = f"locations {statuses}"
+        return data if entries and all(s == "LOADED" for s in statuses.values()) else None
+
+    try:
+        return wait_until(
+            loaded, timeout=LOAD_DEADLINE_S, what="code location loaded", interval=POLL_INTERVAL_S
+        )
+    except TimeoutError:
+        pytest.fail(
+            f"code location not loaded within {LOAD_DEADLINE_S:.0f}s ({last[0]}):\n{_tail(log)}"
+        )
 
 
 def _tail(log: Path, chars: int = 6000) -> str:
@@ -161,8 +168,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> float:
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=STOP_DEADLINE_S)
-    while _group_alive(proc.pid) and time.monotonic() - started < STOP_DEADLINE_S:
-        time.sleep(0.1)  # children (webserver, daemon, code server) finish shutting down
+    # Its children (webserver, daemon, code server) finish shutting down after it.
+    wait_until(
+        lambda: not _group_alive(proc.pid),
+        timeout=STOP_DEADLINE_S,
+        what="the dev server's whole process group gone",
+        interval=0.1,
+    )
     return time.monotonic() - started
 
 

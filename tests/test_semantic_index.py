@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -699,7 +698,10 @@ def test_a_kill_at_a_random_moment_never_breaks_the_index(tmp_path: Path) -> Non
     child = run_child(folder, None, rounds=1000)
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "ready"
-    time.sleep(1.0 + float(np.random.default_rng().uniform(0, 1.5)))
+    # The kill moment is chosen at random; the child must still be at work when it comes.
+    kill_after = 1.0 + float(np.random.default_rng().uniform(0, 1.5))
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.wait(timeout=kill_after)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
 

@@ -32,8 +32,6 @@ import copy
 import itertools
 import json
 import socket
-import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -270,15 +268,6 @@ class FakeCrmServer(LocalHTTPFake):
         """Every deal (copies, in creation order)."""
         with self._lock:
             return copy.deepcopy(list(self._deals.values()))
-
-    def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
-        """Poll `predicate()` until true; raises TimeoutError at the deadline."""
-        deadline = time.monotonic() + timeout
-        pause = threading.Event()
-        while not predicate():
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"condition not met in {timeout} s")
-            pause.wait(0.005)
 
     # -- used by the handler ---------------------------------------------------------------
 

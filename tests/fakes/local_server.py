@@ -16,9 +16,12 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, ClassVar, Self
+
+from tests.polling import wait_until
 
 CLIENT_WENT_AWAY = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 """Errors a handler meets when its client hung up: expected in fault tests, never recorded."""
@@ -135,6 +138,10 @@ class LocalHTTPFake:
     def server_errors(self) -> list[str]:
         """Tracebacks of handler errors other than clients that went away."""
         return list(self._server_errors)
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 5.0) -> None:
+        """Poll `predicate()` until true; raises TimeoutError at the deadline."""
+        wait_until(predicate, timeout=timeout, what=f"the {self.label}'s condition")
 
     def _pause(self, seconds: float) -> bool:
         """Wait, unless the server stops first (then False)."""

@@ -63,6 +63,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 from urllib.parse import urlsplit
 
 from tests.fakes.local_server import LocalHTTPFake, TrackedHandler
+from tests.polling import wait_until
 
 JSONObject: TypeAlias = dict[str, Any]
 """A decoded JSON object."""
@@ -756,14 +757,12 @@ class FakeOpenAIServer(LocalHTTPFake):
 
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[RecordedRequest]:
         """Poll until at least `count` requests arrived; raises TimeoutError at the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = self.requests
-            if len(seen) >= count:
-                return seen
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{len(seen)} of {count} requests arrived in {timeout} s")
-            self._stopping.wait(0.01)
+        wait_until(
+            lambda: len(self.requests) >= count,
+            timeout=timeout,
+            what=f"{count} requests at the {self.label}",
+        )
+        return self.requests
 
     # -- used by the handler -------------------------------------------------------------
 

@@ -392,14 +392,6 @@ class FakePaymentsServer(LocalHTTPFake):
         with self._lock:
             return [key for (_, key), stored in self._idempotency.items() if stored.in_progress]
 
-    def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
-        """Poll `predicate()` until true; raises TimeoutError at the deadline."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"condition not met in {timeout} s")
-            self._stopping.wait(0.005)
-
     # -- used by the handler -------------------------------------------------------------
 
     def _record(self, record: RecordedPaymentRequest) -> RecordedPaymentRequest:
