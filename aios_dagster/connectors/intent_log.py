@@ -27,7 +27,7 @@ import socket
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from pydantic import BaseModel
@@ -83,6 +83,13 @@ class EffectOutcome(BaseModel):
     replayed: bool = False
     reconciled: bool = False
     detail: dict[str, object] = {}
+
+
+_RECORD_COLUMNS = (
+    "idempotency_key, workflow, item_key, action, target, connector, payload_hash, state,"
+    " attempts, provider_id, last_error, updated_at"
+)
+"""The columns of an `IntentRecord`."""
 
 
 class IntentRecord(BaseModel):
@@ -235,20 +242,9 @@ class IntentLog:
     def effects(self, *, state: IntentState | None = None, limit: int = 100) -> list[IntentRecord]:
         """Recorded effects, most recently updated first, optionally in one state."""
         where = "WHERE state = :state" if state else ""
-        with self.ledger.transaction() as tx:
-            rows = (
-                tx.execute(
-                    sa.text(
-                        "SELECT idempotency_key, workflow, item_key, action, target, connector,"
-                        " payload_hash, state, attempts, provider_id, last_error, updated_at"
-                        f" FROM intents {where} ORDER BY updated_at DESC LIMIT :n"
-                    ),
-                    {"state": state, "n": limit},
-                )
-                .mappings()
-                .all()
-            )
-        return [IntentRecord.model_validate(dict(row)) for row in rows]
+        return self._records(
+            f"{where} ORDER BY updated_at DESC LIMIT :n", {"state": state, "n": limit}
+        )
 
     def compensate(
         self, connector: Connector, key: str, context: StepContext, *, reason: str
@@ -259,18 +255,12 @@ class IntentLog:
         Raises CompensationRefused when the effect is not one that succeeded, and the
         connector's CannotCompensate when its provider cannot undo it (an email).
         """
-        with self.ledger.transaction() as tx:
-            row = (
-                tx.execute(
-                    sa.text(
-                        "SELECT workflow, item_key, action, target, connector, payload_hash,"
-                        " state, provider_id, outcome FROM intents WHERE idempotency_key = :k"
-                    ),
-                    {"k": key},
-                )
-                .mappings()
-                .first()
-            )
+        found = self._rows(
+            "SELECT workflow, item_key, action, target, connector, payload_hash, state,"
+            " provider_id, outcome FROM intents WHERE idempotency_key = :k",
+            {"k": key},
+        )
+        row = found[0] if found else None
         if row is None:
             raise CompensationRefused(f"no effect '{key}' (see: aios effects list)")
         if row["state"] != "succeeded" or row["provider_id"] is None:
@@ -315,21 +305,23 @@ class IntentLog:
     ) -> list[IntentRecord]:
         """The effects an approved payload set off, oldest first: what the operator sees under
         the approval (a provider's refusal, with its message, included)."""
+        return self._records(
+            "WHERE workflow = :w AND item_key = :i AND payload_hash = :h"
+            " ORDER BY created_at, idempotency_key",
+            {"w": workflow, "i": item_key, "h": payload_hash},
+        )
+
+    def _records(self, clauses: str, params: dict[str, Any]) -> list[IntentRecord]:
+        """Intents as the operator sees them, selected by `clauses` (WHERE, ORDER, LIMIT)."""
+        return [
+            IntentRecord.model_validate(dict(row))
+            for row in self._rows(f"SELECT {_RECORD_COLUMNS} FROM intents {clauses}", params)
+        ]
+
+    def _rows(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        """The rows of one read of the ledger, as mappings."""
         with self.ledger.transaction() as tx:
-            rows = (
-                tx.execute(
-                    sa.text(
-                        "SELECT idempotency_key, workflow, item_key, action, target, connector,"
-                        " payload_hash, state, attempts, provider_id, last_error, updated_at"
-                        " FROM intents WHERE workflow = :w AND item_key = :i"
-                        " AND payload_hash = :h ORDER BY created_at, idempotency_key"
-                    ),
-                    {"w": workflow, "i": item_key, "h": payload_hash},
-                )
-                .mappings()
-                .all()
-            )
-        return [IntentRecord.model_validate(dict(row)) for row in rows]
+            return list(tx.execute(sa.text(sql), params).mappings().all())
 
     def resolve(self, key: str, *, happened: bool, actor: str, note: str) -> IntentRecord:
         """The operator's verdict on an effect whose outcome only they could establish.
@@ -390,20 +382,11 @@ class IntentLog:
 
     def effects_by_key(self, key: str) -> IntentRecord | None:
         """One recorded effect (a key prefix is accepted when it is unique)."""
-        with self.ledger.transaction() as tx:
-            rows = (
-                tx.execute(
-                    sa.text(
-                        "SELECT idempotency_key, workflow, item_key, action, target, connector,"
-                        " payload_hash, state, attempts, provider_id, last_error, updated_at"
-                        " FROM intents WHERE idempotency_key LIKE :k LIMIT 2"
-                    ),
-                    {"k": key.replace("%", "") + "%"},  # "_" matches itself too
-                )
-                .mappings()
-                .all()
-            )
-        return IntentRecord.model_validate(dict(rows[0])) if len(rows) == 1 else None
+        rows = self._records(
+            "WHERE idempotency_key LIKE :k LIMIT 2",
+            {"k": key.replace("%", "") + "%"},  # "_" matches itself too
+        )
+        return rows[0] if len(rows) == 1 else None
 
     def execute(
         self,
@@ -714,20 +697,12 @@ class IntentLog:
         claimed it meanwhile keeps it.
         """
         current = now or datetime.now(UTC)
-        with self.ledger.transaction() as tx:
-            rows = (
-                tx.execute(
-                    sa.text(
-                        "SELECT idempotency_key, workflow, item_key, action, target, connector,"
-                        " payload_hash, attempts, lease_owner, lease_expires_at, updated_at,"
-                        " run_id FROM intents WHERE state = 'in_flight'"
-                        " ORDER BY updated_at LIMIT :n"
-                    ),
-                    {"n": limit},
-                )
-                .mappings()
-                .all()
-            )
+        rows = self._rows(
+            "SELECT idempotency_key, workflow, item_key, action, target, connector,"
+            " payload_hash, attempts, lease_owner, lease_expires_at, updated_at, run_id"
+            " FROM intents WHERE state = 'in_flight' ORDER BY updated_at LIMIT :n",
+            {"n": limit},
+        )
         report = ReconcileReport()
         for row in rows:
             lease_live = (row["lease_expires_at"] or "") > current.isoformat()
