@@ -20,8 +20,12 @@ import pytest
 import yaml
 
 from aios_dagster.approvals import ApprovalCost
-from aios_dagster.config import AiosConfig, load_config
+from aios_dagster.audit import AuditLog
+from aios_dagster.config import AiosConfig, RetrySettings, load_config
+from aios_dagster.connectors.intent_log import IntentLog
 from aios_dagster.kernel import Kernel
+from aios_dagster.ledger import Ledger
+from aios_dagster.warehouse import Warehouse
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -135,3 +139,29 @@ def python_bin(name: str) -> str:
     """A console script installed beside the running interpreter (dagster, dg, aios)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
+
+
+FAST_RETRIES = RetrySettings(
+    max_attempts=3, max_seconds=10, initial_wait_seconds=0.001, max_wait_seconds=0.002
+)
+"""Transient failures retried at once: connector tests prove what is retried, not how long."""
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    """A fresh SQLite ledger."""
+    built = Ledger.at(tmp_path / "ledger.sqlite")
+    yield built
+    built.dispose()
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> AuditLog:
+    """An audit log on a private warehouse (a test that needs redaction defines its own)."""
+    return AuditLog(Warehouse(tmp_path / "warehouse.duckdb"), tmp_path / "audit_spool")
+
+
+@pytest.fixture
+def intents(ledger: Ledger, audit: AuditLog) -> IntentLog:
+    """An intent log on the fresh ledger, retrying transient failures quickly."""
+    return IntentLog(ledger, audit, retries=FAST_RETRIES)

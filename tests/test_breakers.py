@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from aios_dagster.connectors.base import EffectFailed, OutcomeUnknown
 from aios_dagster.gateway.client import LLMCallFailed, LLMOutputInvalid
 from aios_dagster.ledger import Ledger
 from aios_dagster.policy.breakers import BreakerOpen, CircuitBreakers, breaker_verdict
-from aios_dagster.warehouse import Warehouse
 
 REPO = Path(__file__).resolve().parent.parent
 LLM = "llm:http://127.0.0.1:9/v1"
@@ -48,20 +46,6 @@ class Clock:
 def transient(message: str = "HTTP 503") -> LLMCallFailed:
     """A model call that failed after its retries on a transient error."""
     return LLMCallFailed(message, transient=True, attempts=4)
-
-
-@pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    """A fresh SQLite ledger."""
-    built = Ledger.at(tmp_path / "ledger.sqlite")
-    yield built
-    built.dispose()
-
-
-@pytest.fixture
-def audit(tmp_path: Path) -> AuditLog:
-    """An audit log on a private warehouse."""
-    return AuditLog(Warehouse(tmp_path / "warehouse.duckdb"), tmp_path / "audit_spool")
 
 
 @pytest.fixture

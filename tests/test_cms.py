@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +17,6 @@ import pytest
 import sqlalchemy as sa
 
 from aios_dagster.audit import AuditLog, StepContext
-from aios_dagster.config import RetrySettings
 from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown, Receipt
 from aios_dagster.connectors.cms_ghost import (
     CmsPost,
@@ -29,14 +27,10 @@ from aios_dagster.connectors.cms_ghost import (
 )
 from aios_dagster.connectors.intent_log import IntentLog
 from aios_dagster.ledger import Ledger
-from aios_dagster.warehouse import Warehouse
 from resources.cms import CmsResource
 from tests.fakes import FakeGhostServer
 from tests.fakes.cms_server import AdminKey, CmsFault
 
-FAST_RETRIES = RetrySettings(
-    max_attempts=3, max_seconds=10, initial_wait_seconds=0.001, max_wait_seconds=0.002
-)
 POST = CmsPost(
     title="Issue 47: pricing pages",
     html="<p>Three pricing pages that work.</p>",
@@ -77,26 +71,6 @@ def cms(server: FakeGhostServer) -> Iterator[GhostCms]:
     connector = _cms(server)
     yield connector
     connector.close()
-
-
-@pytest.fixture
-def audit(tmp_path: Path) -> AuditLog:
-    """An audit log on a private warehouse."""
-    return AuditLog(Warehouse(tmp_path / "warehouse.duckdb"), tmp_path / "audit_spool")
-
-
-@pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    """A fresh SQLite ledger."""
-    built = Ledger.at(tmp_path / "ledger.sqlite")
-    yield built
-    built.dispose()
-
-
-@pytest.fixture
-def intents(ledger: Ledger, audit: AuditLog) -> IntentLog:
-    """The intent log, retrying transient failures quickly."""
-    return IntentLog(ledger, audit, retries=FAST_RETRIES)
 
 
 def _intent(ledger: Ledger, key: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import pytest
 import sqlalchemy as sa
 
 from aios_dagster.audit import AuditLog, Redactor, StepContext
-from aios_dagster.config import RetrySettings
 from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown
 from aios_dagster.connectors.crm import (
     Contact,
@@ -33,9 +32,6 @@ from resources.kernel import AiosKernel
 from tests.fakes.crm_server import CrmFault, FakeCrmServer
 
 TOKEN = "crm_tok_SecretNeverAudited0123456789"
-FAST_RETRIES = RetrySettings(
-    max_attempts=3, max_seconds=10, initial_wait_seconds=0.001, max_wait_seconds=0.002
-)
 ADA = Contact(email="  Ada@Example.COM ", name="Ada Lovelace", company="Analytical", tags=("vip",))
 
 
@@ -72,20 +68,6 @@ def warehouse(tmp_path: Path) -> Warehouse:
 def audit(warehouse: Warehouse, tmp_path: Path) -> AuditLog:
     """An audit log that knows the CRM token."""
     return AuditLog(warehouse, tmp_path / "audit_spool", redactor=Redactor([TOKEN]))
-
-
-@pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    """A fresh SQLite ledger."""
-    built = Ledger.at(tmp_path / "ledger.sqlite")
-    yield built
-    built.dispose()
-
-
-@pytest.fixture
-def intents(ledger: Ledger, audit: AuditLog) -> IntentLog:
-    """The intent log, retrying transient failures quickly."""
-    return IntentLog(ledger, audit, retries=FAST_RETRIES)
 
 
 @pytest.fixture

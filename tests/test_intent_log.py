@@ -11,13 +11,12 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from aios_dagster.audit import AuditLog, StepContext
-from aios_dagster.config import BreakerSettings, RetrySettings
+from aios_dagster.config import BreakerSettings
 from aios_dagster.connectors.base import (
     Connector,
     EffectFailed,
@@ -36,7 +35,7 @@ from aios_dagster.connectors.intent_log import (
 )
 from aios_dagster.ledger import Ledger
 from aios_dagster.policy.breakers import BreakerOpen, CircuitBreakers
-from aios_dagster.warehouse import Warehouse
+from tests.conftest import FAST_RETRIES
 
 LookupAnswer = Receipt | None | Exception
 
@@ -92,20 +91,6 @@ def _context(run_id: str = "run-1") -> StepContext:
         partition_key="2026-11-23",
         run_id=run_id,
     )
-
-
-@pytest.fixture
-def audit(tmp_path: Path) -> AuditLog:
-    """An audit log on a private warehouse."""
-    return AuditLog(Warehouse(tmp_path / "warehouse.duckdb"), tmp_path / "audit_spool")
-
-
-@pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    """A fresh SQLite ledger."""
-    built = Ledger.at(tmp_path / "ledger.sqlite")
-    yield built
-    built.dispose()
 
 
 @pytest.fixture
@@ -419,9 +404,6 @@ def test_an_unexpected_error_mid_call_releases_the_lease_for_reconciliation(
 # -- breakers and retries ----------------------------------------------------------------------
 
 BREAKER = "connector:fake"
-FAST_RETRIES = RetrySettings(
-    max_attempts=3, max_seconds=10, initial_wait_seconds=0.001, max_wait_seconds=0.002
-)
 
 
 class _Clock:

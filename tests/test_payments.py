@@ -14,7 +14,6 @@ import pytest
 import sqlalchemy as sa
 
 from aios_dagster.audit import AuditLog, Redactor, StepContext
-from aios_dagster.config import RetrySettings
 from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown, Receipt
 from aios_dagster.connectors.intent_log import IntentLog
 from aios_dagster.connectors.payments import (
@@ -27,12 +26,10 @@ from aios_dagster.connectors.payments import (
 from aios_dagster.ledger import Ledger
 from aios_dagster.warehouse import Warehouse
 from resources.payments import PaymentsResource
+from tests.conftest import FAST_RETRIES
 from tests.fakes.payments_server import FakePaymentsServer, PaymentFault, stripe_fee
 
 SECRET = "sk_test_51SecretNeverAudited0123456789"
-FAST_RETRIES = RetrySettings(
-    max_attempts=3, max_seconds=10, initial_wait_seconds=0.001, max_wait_seconds=0.002
-)
 CHARGE = ChargeRequest(amount=2000, currency="usd", customer="cus_ada", description="Pro plan")
 
 
@@ -75,20 +72,6 @@ def audit(tmp_path: Path) -> AuditLog:
         tmp_path / "audit_spool",
         redactor=Redactor([SECRET]),
     )
-
-
-@pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    """A fresh SQLite ledger."""
-    built = Ledger.at(tmp_path / "ledger.sqlite")
-    yield built
-    built.dispose()
-
-
-@pytest.fixture
-def intents(ledger: Ledger, audit: AuditLog) -> IntentLog:
-    """The intent log, retrying transient failures quickly."""
-    return IntentLog(ledger, audit, retries=FAST_RETRIES)
 
 
 def _last_error(ledger: Ledger, key: str) -> str | None:
