@@ -393,39 +393,13 @@ def test_titles_and_reasons_are_printed_as_text_not_markup(
 def test_metrics_refresh_models_model_spend_and_provider_fees_per_workflow_day(
     workspace: Workspace,
 ) -> None:
-    from aios_dagster.audit import EffectCost, LLMCallRecord
     from aios_dagster.config import load_config
+    from tests.spend import model_call, provider_fee
 
     kernel = Kernel.build(load_config(workspace.config))
     for cost in (0.25, 0.05):
-        kernel.audit.record_call(
-            LLMCallRecord(
-                workflow="saas",
-                partition_key=None,
-                step="support/reply",
-                role="replier",
-                tier="draft",
-                model="gpt-4o-mini",
-                status="ok",
-                prompt="p",
-                output="o",
-                cost_usd=cost,
-                run_id=None,
-            )
-        )
-    kernel.audit.record_cost(
-        EffectCost(
-            workflow="saas",
-            partition_key=None,
-            step="billing/charge",
-            connector="payments",
-            action="charge",
-            idempotency_key="idem_3",
-            provider_id="pi_3",
-            amount_usd=0.59,
-            run_id=None,
-        )
-    )
+        kernel.audit.record_call(model_call("saas", cost))
+    kernel.audit.record_cost(provider_fee("saas", "idem_3", 0.59))
     kernel.audit.flush()
 
     result = run_cli(

@@ -580,37 +580,11 @@ def test_aios_audit_spend_shows_model_spend_and_fees_per_workflow_day(
 ) -> None:
     from typer.testing import CliRunner
 
-    from aios_dagster.audit import EffectCost
     from aios_dagster.cli.main import app
+    from tests.spend import model_call, provider_fee
 
-    kernel.audit.record_call(
-        LLMCallRecord(
-            workflow="saas",
-            partition_key=None,
-            step="support/reply",
-            role="replier",
-            tier="draft",
-            model="gpt-4o-mini",
-            status="ok",
-            prompt="p",
-            output="o",
-            cost_usd=0.25,
-            run_id=None,
-        )
-    )
-    kernel.audit.record_cost(
-        EffectCost(
-            workflow="saas",
-            partition_key=None,
-            step="billing/charge",
-            connector="payments",
-            action="charge",
-            idempotency_key="idem_2",
-            provider_id="pi_2",
-            amount_usd=0.59,
-            run_id=None,
-        )
-    )
+    kernel.audit.record_call(model_call("saas", 0.25))
+    kernel.audit.record_cost(provider_fee("saas", "idem_2", 0.59))
     kernel.audit.flush()
     result = CliRunner().invoke(app, ["--config", str(config_path), "audit", "spend"])
     assert result.exit_code == 0, result.output
