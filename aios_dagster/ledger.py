@@ -9,6 +9,7 @@ code change. The schema is versioned; migrations run once, in order, under the w
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 BUSY_TIMEOUT_SECONDS = 60
 
@@ -288,6 +290,23 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
+def _use_wal(cursor: Any) -> None:
+    """Put the file in WAL mode once. Switching the mode needs the file to itself, and SQLite
+    answers "database is locked" at once (no busy wait) while other processes open it too, as
+    when several workers start on a new ledger: the switch is retried until the timeout."""
+    if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    retrying = Retrying(
+        retry=retry_if_exception(
+            lambda exc: isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+        ),
+        wait=wait_random_exponential(multiplier=0.005, max=0.1),
+        stop=stop_after_delay(BUSY_TIMEOUT_SECONDS),
+        reraise=True,
+    )
+    retrying(cursor.execute, "PRAGMA journal_mode=WAL")
+
+
 SQLITE_POOL_SIZE = 32
 """Connections a process keeps open to the SQLite ledger (cheap: a file handle and a cache)."""
 
@@ -312,7 +331,7 @@ def _sqlite_engine(path: Path) -> Engine:
         # Take transaction control from the driver so BEGIN IMMEDIATE is ours to issue.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _use_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000}")
         cursor.execute("PRAGMA foreign_keys=ON")
