@@ -10,19 +10,28 @@ from __future__ import annotations
 import dagster as dg
 
 from aios_dagster.config import config_path_from_env, load_config
-from assets import facts, metrics, newsletter
+from assets import facts, metrics, newsletter, support
 from resources import build_resources
-from sensors import approved_actions_sensor, stuck_effects_sensor, weekly_issue_schedule
+from sensors import (
+    approved_actions_sensor,
+    customer_messages_sensor,
+    stuck_effects_sensor,
+    weekly_issue_schedule,
+)
 
 _config_path = config_path_from_env()
 _config = load_config(_config_path)
 
 defs = dg.Definitions(
-    assets=[*newsletter.ASSETS, *metrics.ASSETS, *facts.ASSETS],
+    assets=[*newsletter.ASSETS, *support.ASSETS, *metrics.ASSETS, *facts.ASSETS],
     asset_checks=newsletter.CHECKS,
-    jobs=[*newsletter.JOBS, *metrics.JOBS, *facts.JOBS],
+    jobs=[*newsletter.JOBS, *support.JOBS, *metrics.JOBS, *facts.JOBS],
     schedules=[weekly_issue_schedule(_config.newsletter.cadence)],
-    sensors=[approved_actions_sensor, stuck_effects_sensor],
+    sensors=[
+        approved_actions_sensor,
+        stuck_effects_sensor,
+        customer_messages_sensor(_config.support.inbox),
+    ],
     resources=build_resources(_config_path),
     # Steps run one after another in the run's process: each step subprocess of the default
     # multiprocess executor re-imports this module (about 4 s with dagster-dbt), which doubles a

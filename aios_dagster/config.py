@@ -513,6 +513,29 @@ class GhostCmsSettings(_Section):
         return value
 
 
+class SupportInboxSettings(_Section):
+    """Where customer messages land on disk, and how they are batched into runs."""
+
+    maildirs: list[Path] = Field(
+        default_factory=list,
+        description="Maildir folders (what mbsync or offlineimap write); read, never changed.",
+    )
+    drop_folders: list[Path] = Field(
+        default_factory=list, description="Folders of *.jsonl files, one message per line."
+    )
+    poll_seconds: int = Field(default=30, ge=1, le=3600, description="Sensor interval.")
+    batch_max_messages: int = Field(
+        default=500, ge=1, le=100_000, description="Messages per run at most."
+    )
+    max_message_bytes: int = Field(default=10_000_000, ge=1_000)
+
+
+class SupportSettings(_Section):
+    """The indie SaaS support workflow."""
+
+    inbox: SupportInboxSettings = SupportInboxSettings()
+
+
 class AiosConfig(_Section):
     """The whole operator configuration."""
 
@@ -528,6 +551,7 @@ class AiosConfig(_Section):
     smtp: SmtpSettings | None = None
     payments: PaymentsSettings | None = None
     cms: GhostCmsSettings | None = None
+    support: SupportSettings = SupportSettings()
 
     _base_dir: Path = PrivateAttr(default_factory=Path)
     # Not a field: it comes from where the file is, never from what it says.

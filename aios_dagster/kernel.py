@@ -19,6 +19,7 @@ from aios_dagster.audit import AuditLog, Redactor
 from aios_dagster.config import AiosConfig
 from aios_dagster.connectors.intent_log import IntentLog
 from aios_dagster.gateway import LLMGateway
+from aios_dagster.inbound.inbox import Inbox
 from aios_dagster.ledger import Ledger
 from aios_dagster.memory.cold_store import ColdStore
 from aios_dagster.memory.facts import FactStore
@@ -109,6 +110,7 @@ class Kernel:
     approvals: ApprovalDesk
     intents: IntentLog
     quarantine: Quarantine
+    inbox: Inbox
     published: PublishedWork
     gateway: LLMGateway
     agents: AgentRuntime
@@ -197,6 +199,7 @@ class Kernel:
             on_reject=training.record_rejection,
             on_approve=training.record_approval,
         )
+        quarantine = Quarantine(paths.quarantine, audit)
         return cls(
             config=config,
             paths=paths,
@@ -205,7 +208,8 @@ class Kernel:
             audit=audit,
             approvals=approvals,
             intents=IntentLog(ledger, audit, breakers=breakers, retries=config.policy.retries),
-            quarantine=Quarantine(paths.quarantine, audit),
+            quarantine=quarantine,
+            inbox=Inbox(ledger, quarantine),
             published=PublishedWork(ledger),
             gateway=gateway,
             agents=AgentRuntime(

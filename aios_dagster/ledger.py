@@ -287,6 +287,55 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE approvals ADD COLUMN cost_basis TEXT",
         ),
     ),
+    Migration(
+        8,
+        "inbound messages",
+        (
+            # One row per message ever taken in, keyed by its identity (Message-ID or content
+            # digest), so a message seen again in another file is a copy, never new work.
+            """
+            CREATE TABLE inbound_items (
+                item_key TEXT PRIMARY KEY,
+                workflow TEXT NOT NULL,
+                channel TEXT NOT NULL,
+                sender TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                message TEXT NOT NULL,
+                batch_key TEXT NOT NULL,
+                copies_seen INTEGER NOT NULL DEFAULT 1,
+                first_seen_at TEXT NOT NULL,
+                last_seen_at TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX inbound_items_by_batch ON inbound_items (batch_key)",
+            # A batch is the unit of one run; its key is the run key and the partition key.
+            """
+            CREATE TABLE inbound_batches (
+                batch_key TEXT PRIMARY KEY,
+                workflow TEXT NOT NULL,
+                item_count INTEGER NOT NULL,
+                created_at TEXT NOT NULL,
+                run_id TEXT,
+                taken_at TEXT
+            )
+            """,
+            "CREATE INDEX inbound_batches_by_run ON inbound_batches (workflow, run_id)",
+            # Every file (Maildir entry, JSONL line, JSONL file version) already read, and what
+            # it turned out to be, so each tick reads only what is new on disk.
+            """
+            CREATE TABLE inbound_entries (
+                workflow TEXT NOT NULL,
+                entry_key TEXT NOT NULL,
+                outcome TEXT NOT NULL
+                    CHECK (outcome IN ('taken', 'copy', 'quarantined', 'scanned')),
+                item_key TEXT,
+                reason TEXT,
+                seen_at TEXT NOT NULL,
+                PRIMARY KEY (workflow, entry_key)
+            )
+            """,
+        ),
+    ),
 )
 
 

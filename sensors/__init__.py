@@ -2,7 +2,13 @@
 that settles side effects a killed run left in flight."""
 
 from sensors.approvals import approved_actions_sensor
+from sensors.inbound import customer_messages_sensor
 from sensors.reconciler import stuck_effects_sensor
 from sensors.schedules import weekly_issue_schedule
 
-__all__ = ["approved_actions_sensor", "stuck_effects_sensor", "weekly_issue_schedule"]
+__all__ = [
+    "approved_actions_sensor",
+    "customer_messages_sensor",
+    "stuck_effects_sensor",
+    "weekly_issue_schedule",
+]

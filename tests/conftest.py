@@ -3,6 +3,7 @@ materialize the newsletter in-process (the fast path; a few tests use the real C
 
 from __future__ import annotations
 
+import importlib
 import os
 
 # Tests run beside each other and beside subprocesses on two cores: a BLAS pool per process
@@ -13,6 +14,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import dagster as dg
@@ -165,3 +167,13 @@ def audit(tmp_path: Path) -> AuditLog:
 def intents(ledger: Ledger, audit: AuditLog) -> IntentLog:
     """An intent log on the fresh ledger, retrying transient failures quickly."""
     return IntentLog(ledger, audit, retries=FAST_RETRIES)
+
+
+@pytest.fixture
+def definitions_module(config_path: Path) -> Iterator[ModuleType]:
+    """`definitions` imported with $AIOS_CONFIG already pointing at the temporary config."""
+    module = sys.modules.get("definitions")
+    loaded = importlib.reload(module) if module else importlib.import_module("definitions")
+    yield loaded
+    # The next importer must not get Definitions bound to this test's (deleted) config.
+    sys.modules.pop("definitions", None)

@@ -7,9 +7,7 @@ resource built from the operator config), and one of its run requests is execute
 
 from __future__ import annotations
 
-import importlib
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -112,16 +110,6 @@ def test_sensor_ignores_rejected_and_cli_executed_approvals(
     kernel.approvals.decide(rejected_id, approve=False, actor="operator:test", reason="no")
     after = _evaluate(config_path, cursor=evaluation.cursor)
     assert after.run_requests == []
-
-
-@pytest.fixture
-def definitions_module(config_path: Path) -> Iterator[ModuleType]:
-    """`definitions` imported with $AIOS_CONFIG already pointing at the temporary config."""
-    module = sys.modules.get("definitions")
-    loaded = importlib.reload(module) if module else importlib.import_module("definitions")
-    yield loaded
-    # The next importer must not get Definitions bound to this test's (deleted) config.
-    sys.modules.pop("definitions", None)
 
 
 def test_sensor_run_request_publishes_through_a_real_instance(

@@ -1,0 +1,1 @@
+"""Inbound work: customer messages read from disk, deduplicated and batched into runs."""
