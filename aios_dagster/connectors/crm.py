@@ -42,7 +42,7 @@ from aios_dagster.connectors.base import (
     OutcomeUnknown,
     Receipt,
 )
-from aios_dagster.policy.retries import retry_after_seconds
+from aios_dagster.connectors.keyed_http import KeyedHttpApi, ProviderBusy
 from aios_dagster.warehouse import Warehouse, WarehouseBusy
 
 DealStage = Literal["lead", "qualified", "won", "lost"]
@@ -401,24 +401,9 @@ class CrmHttpSettings(BaseModel):
         return value.rstrip("/")
 
 
-class CrmBusy(EffectFailed):
+class CrmBusy(ProviderBusy):
     """The CRM committed nothing and asked to be tried again (409 key in progress, 429, a 5xx
     with ``Crm-Should-Retry: true``); `retry_after` is honoured by the retry policy."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message, transient=True)
-        self.retry_after = retry_after
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        error = response.json().get("error") or {}
-    except (ValueError, AttributeError):
-        error = {}
-    message = error.get("message") if isinstance(error, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    text = message or response.text[:200] or response.reason_phrase
-    return f"HTTP {response.status_code}{f' {code}' if code else ''}: {text}"
 
 
 class HttpCrm(Crm):
@@ -436,16 +421,18 @@ class HttpCrm(Crm):
         """`token` is the secret read by the caller from ``settings.token_env``."""
         self.settings = settings
         self._token = token
-        self._client = httpx.Client(
+        self._api = KeyedHttpApi(
+            label="crm",
             base_url=settings.base_url,
-            timeout=httpx.Timeout(settings.timeout_seconds),
+            timeout_seconds=settings.timeout_seconds,
+            should_retry_header="Crm-Should-Retry",
+            user_agent="aios-dagster-crm/1",
             transport=transport,
-            headers={"User-Agent": "aios-dagster-crm/1"},
         )
 
     def close(self) -> None:
         """Release pooled connections."""
-        self._client.close()
+        self._api.close()
 
     def upsert_contact(self, key: str, contact: Contact) -> Receipt:
         """``POST /v1/contacts``: the provider upserts by email."""
@@ -462,32 +449,17 @@ class HttpCrm(Crm):
 
     def lookup(self, key: str) -> Receipt | None:
         """``GET /v1/effects/{key}``: what the provider committed under `key`, None on 404."""
-        try:
-            response = self._client.get(f"/v1/effects/{key}", headers=self._headers())
-        except httpx.TransportError as exc:
-            raise OutcomeUnknown(f"crm: cannot ask the CRM about {key}: {exc}") from exc
-        if response.status_code == 404:
+        found = self._api.get_json(f"/v1/effects/{key}", self._headers(), missing_is_none=True)
+        if found is None:
             return None
-        if response.status_code >= 400:
-            message = f"crm: {_error_message(response)}"
-            if response.status_code >= 500 or response.status_code == 429:
-                raise OutcomeUnknown(message)
-            raise EffectFailed(message)
-        found: dict[str, Any] = response.json()
         return _http_receipt(str(found.get("kind")), found.get("object") or {})
 
     def health(self) -> HealthReport:
         """``GET /v1/account``: the token works and the CRM answers, nothing is acted on."""
         try:
-            response = self._client.get("/v1/account", headers=self._headers())
-        except EffectFailed as exc:
+            self._api.get_json("/v1/account", self._headers())
+        except (EffectFailed, OutcomeUnknown) as exc:
             return HealthReport(connector=self.name, healthy=False, detail=str(exc))
-        except httpx.TransportError as exc:
-            detail = f"crm: could not reach {self.settings.base_url}: {type(exc).__name__}"
-            return HealthReport(connector=self.name, healthy=False, detail=detail)
-        if response.status_code >= 400:
-            detail = f"crm: {_error_message(response)}"
-            return HealthReport(connector=self.name, healthy=False, detail=detail)
         return HealthReport(connector=self.name, healthy=True, detail=self.settings.base_url)
 
     def _headers(self) -> dict[str, str]:
@@ -496,36 +468,15 @@ class HttpCrm(Crm):
         return {"Authorization": f"Bearer {self._token}"}
 
     def _post(self, path: str, payload: dict[str, Any], key: str) -> dict[str, Any]:
-        headers = {**self._headers(), "Idempotency-Key": key}
         try:
-            response = self._client.post(path, json=payload, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            # The request never left: nothing can have been committed.
-            raise EffectFailed(
-                f"crm: could not reach {self.settings.base_url}: {exc}", transient=True
-            ) from exc
-        except httpx.TransportError as exc:
-            raise OutcomeUnknown(
-                f"crm: no answer to POST {path} after it was sent "
-                f"({type(exc).__name__}: {exc}); reconciliation decides"
-            ) from exc
-        status = response.status_code
-        if status < 300:
-            try:
-                body = response.json()
-            except ValueError as exc:
-                raise OutcomeUnknown(f"crm: unreadable {status} answer to {path}") from exc
-            if not isinstance(body, dict) or "id" not in body:
-                raise OutcomeUnknown(f"crm: {status} answer to {path} without an id")
-            body["replayed"] = response.headers.get("Idempotent-Replayed") == "true"
-            return body
-        message = f"crm: {_error_message(response)}"
-        should_retry = response.headers.get("Crm-Should-Retry", "").lower() == "true"
-        if status in (409, 429) or (status >= 500 and should_retry):
-            raise CrmBusy(message, retry_after=retry_after_seconds(response.headers))
-        if status < 500:
-            raise EffectFailed(message)
-        raise OutcomeUnknown(f"{message} (the CRM may have committed it)")
+            response = self._api.post(path, key, self._headers(), json=payload)
+        except ProviderBusy as exc:
+            raise CrmBusy(str(exc), retry_after=exc.retry_after) from exc
+        body = response.json()
+        if not isinstance(body, dict) or "id" not in body:
+            raise OutcomeUnknown(f"crm: {response.status_code} answer to {path} without an id")
+        body["replayed"] = response.headers.get("Idempotent-Replayed") == "true"
+        return body
 
 
 def _http_receipt(kind: str, body: dict[str, Any]) -> Receipt:

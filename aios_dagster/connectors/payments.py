@@ -36,20 +36,11 @@ from aios_dagster.connectors.base import (
     OutcomeUnknown,
     Receipt,
 )
-from aios_dagster.policy.retries import retry_after_seconds
+from aios_dagster.connectors.keyed_http import KeyedHttpApi
+from aios_dagster.connectors.keyed_http import ProviderBusy as ProviderBusy
 
 METADATA_KEY = "aios_key"
 """The metadata field that carries the effect's idempotency key at the provider."""
-
-
-class ProviderBusy(EffectFailed):
-    """The provider committed nothing and asked to be tried again (409 key in progress, 429
-    rate limited, a 5xx with ``Stripe-Should-Retry: true``); `retry_after` is what it asked
-    for, which the retry policy honours."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message, transient=True)
-        self.retry_after = retry_after
 
 
 class ChargeRequest(BaseModel):
@@ -83,19 +74,6 @@ def _form(fields: dict[str, Any], metadata: dict[str, str], key: str) -> list[tu
     return pairs
 
 
-def _error_message(response: httpx.Response) -> str:
-    try:
-        error = response.json().get("error") or {}
-    except (ValueError, AttributeError):
-        error = {}
-    message = error.get("message") if isinstance(error, dict) else None
-    kind = error.get("type") if isinstance(error, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    label = "/".join(str(part) for part in (kind, code) if part)
-    text = message or response.text[:200] or response.reason_phrase
-    return f"HTTP {response.status_code}{f' {label}' if label else ''}: {text}"
-
-
 def _fee_usd(transaction: Any) -> float | None:
     if not isinstance(transaction, dict) or transaction.get("currency") != "usd":
         return None
@@ -117,16 +95,18 @@ class PaymentsConnector(Connector):
         """`api_key` is the secret read by the caller from ``settings.api_key_env``."""
         self.settings = settings
         self._api_key = api_key
-        self._client = httpx.Client(
+        self._api = KeyedHttpApi(
+            label="payments",
             base_url=settings.base_url,
-            timeout=httpx.Timeout(settings.timeout_seconds),
+            timeout_seconds=settings.timeout_seconds,
+            should_retry_header="Stripe-Should-Retry",
+            user_agent="aios-dagster-payments/1",
             transport=transport,
-            headers={"User-Agent": "aios-dagster-payments/1"},
         )
 
     def close(self) -> None:
         """Release pooled connections."""
-        self._client.close()
+        self._api.close()
 
     def __enter__(self) -> PaymentsConnector:
         return self
@@ -228,46 +208,12 @@ class PaymentsConnector(Connector):
         return {"Authorization": f"Bearer {self._api_key}"}
 
     def _post(self, path: str, form: list[tuple[str, str]], key: str) -> httpx.Response:
-        headers = {**self._headers(), "Idempotency-Key": key}
-        try:
-            response = self._client.post(path, data=_multi(form), headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            # The request never left: nothing can have been committed.
-            raise EffectFailed(
-                f"payments: could not reach {self.settings.base_url}: {exc}", transient=True
-            ) from exc
-        except httpx.TransportError as exc:
-            raise OutcomeUnknown(
-                f"payments: no answer to POST {path} after it was sent "
-                f"({type(exc).__name__}: {exc}); reconciliation decides"
-            ) from exc
-        status = response.status_code
-        if status < 300:
-            try:
-                response.json()
-            except ValueError as exc:
-                raise OutcomeUnknown(f"payments: unreadable {status} answer to {path}") from exc
-            return response
-        message = f"payments: {_error_message(response)}"
-        should_retry = response.headers.get("Stripe-Should-Retry", "").lower() == "true"
-        if status in (409, 429) or (status >= 500 and should_retry):
-            raise ProviderBusy(message, retry_after=retry_after_seconds(response.headers))
-        if status < 500:
-            raise EffectFailed(message)
-        raise OutcomeUnknown(f"{message} (the provider may have committed it)")
+        return self._api.post(path, key, self._headers(), data=_multi(form))
 
     def _get(self, path: str, params: list[tuple[str, str]]) -> dict[str, Any]:
-        try:
-            response = self._client.get(path, params=tuple(params), headers=self._headers())
-        except httpx.TransportError as exc:
-            raise OutcomeUnknown(f"payments: GET {path} failed: {exc}") from exc
-        if response.status_code >= 400:
-            message = f"payments: {_error_message(response)}"
-            if response.status_code >= 500 or response.status_code == 429:
-                raise OutcomeUnknown(message)
-            raise EffectFailed(message)
-        body: dict[str, Any] = response.json()
-        return body
+        found = self._api.get_json(path, self._headers(), params)
+        assert found is not None  # only a lookup that allows it answers None for a 404
+        return found
 
     def _intent_receipt(self, intent: dict[str, Any]) -> Receipt:
         charge = intent.get("latest_charge")
