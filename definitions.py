@@ -15,6 +15,7 @@ from resources import build_resources
 from sensors import (
     approved_actions_sensor,
     customer_messages_sensor,
+    failed_steps_sensor,
     stuck_effects_sensor,
     weekly_issue_schedule,
 )
@@ -31,6 +32,7 @@ defs = dg.Definitions(
         approved_actions_sensor,
         stuck_effects_sensor,
         customer_messages_sensor(_config.support.inbox),
+        failed_steps_sensor,
     ],
     resources=build_resources(_config_path),
     # Steps run one after another in the run's process: each step subprocess of the default

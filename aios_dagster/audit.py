@@ -89,7 +89,7 @@ class EffectCost(BaseModel):
     run_id: str | None
 
 
-EventKind = Literal["decision", "quarantine", "approval", "effect", "fallback"]
+EventKind = Literal["decision", "quarantine", "approval", "effect", "fallback", "failure"]
 
 
 class AuditEvent(BaseModel):

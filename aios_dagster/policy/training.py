@@ -159,6 +159,26 @@ def truncate(text: str, limit: int) -> str:
     return f"{text[:limit]}\n{TRUNCATION_MARKER} {dropped} more characters were not kept]"
 
 
+class FailedStep(BaseModel):
+    """A step of a Dagster run that failed, as the run-failure sensor reports it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    job_name: str
+    workflow: str
+    partition_key: str | None
+    step: str
+    error_type: str
+    message: str
+
+
+def _example_id_for_failed_step(run_id: str, step: str) -> str:
+    # Deterministic: the sensor may report the same run again after a restart.
+    digest = hashlib.sha256(f"step_failure:{run_id}:{step}".encode()).hexdigest()
+    return f"ex_{digest[:32]}"
+
+
 def _example_id_for_rejection(approval_id: str) -> str:
     # Deterministic, so a retried hook (or a replay) cannot queue the same rejection twice.
     digest = hashlib.sha256(f"operator_rejection:{approval_id}".encode()).hexdigest()
@@ -245,6 +265,34 @@ class TrainingQueue:
             bad_output=bad_output,
             model=model,
             run_id=context.run_id,
+        )
+
+    def record_step_failure(self, failed: FailedStep) -> str:
+        """Queue a step that failed outside any model call's own checks; returns the example id.
+
+        The run-failure sensor calls this for each failed step, so what broke a run is in the
+        same queue the operator reviews for bad outputs. There is no prompt to keep (the step,
+        not a model, failed): the example says which step, run and error. Idempotent per run
+        and step.
+        """
+        return self._insert(
+            example_id=_example_id_for_failed_step(failed.run_id, failed.step),
+            workflow=failed.workflow,
+            partition_key=failed.partition_key,
+            step=failed.step,
+            role=failed.step.rsplit("__", 1)[-1],
+            reason="step_failure",
+            detail=(
+                f"{failed.error_type}: {failed.message}"
+                f" (run {failed.run_id}, job {failed.job_name})"
+            ),
+            prompt=Prompt(
+                system=f"{UNRECORDED_PROMPT_TAG} Step {failed.step} of {failed.job_name}.",
+                user=f"The step failed with {failed.error_type}.",
+            ),
+            bad_output=None,
+            model=None,
+            run_id=failed.run_id,
         )
 
     def record_rejection(
