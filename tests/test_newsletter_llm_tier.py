@@ -227,6 +227,11 @@ def test_llm_tier_prepares_an_issue_up_to_the_gate(
     assert meta["completion_tokens"] == drafter.usage["completion_tokens"] > 0  # type: ignore[index]
     assert meta["cost_usd"] > 0
     assert meta["latency_ms"] >= 20  # includes the server's 20 ms
+    # Numbers the UI plots over partitions: the tokens, the calls, the judged confidence.
+    assert meta["total_tokens"] == meta["prompt_tokens"] + meta["completion_tokens"]
+    assert meta["model_calls"] == draft.model_calls >= 1
+    assert meta["confidence"] == pytest.approx(draft.confidence) and 0 <= meta["confidence"] <= 1
+    assert meta["verified"] is draft.verified
     assert meta["cost_so_far_usd"] == pytest.approx(outline.cost_usd + draft.cost_usd)
     assert _metadata(result, "newsletter__outline")["tier"] == "draft"
 
@@ -263,6 +268,7 @@ def test_when_the_endpoint_fails_the_issue_completes_on_rules(
     assert (draft.tier, draft.model, draft.fell_back) == ("rules", "rules/drafter", True)
     meta = _metadata(result, "newsletter__draft")
     assert (meta["tier"], meta["fell_back_to_rules"], meta["cost_usd"]) == ("rules", True, 0)
+    assert meta["confidence"] == -1.0  # no draft was judged
 
     fallbacks = _events(kernel, "fallback")
     assert [e["actor"] for e in fallbacks] == ["agent:planner", "agent:drafter"]

@@ -107,13 +107,21 @@ def _step(
 
 
 def _step_metadata(step: OutlineStep | DraftStep, preview: str) -> dict[str, Any]:
+    """What the agent step cost and how sure it was, as numbers the UI plots over partitions
+    (a confidence of -1 means no draft was judged: the rules tier made the output)."""
     return {
         "tier": step.tier,
         "model": step.model,
         "prompt_tokens": step.prompt_tokens,
         "completion_tokens": step.completion_tokens,
+        "total_tokens": step.prompt_tokens + step.completion_tokens,
+        "model_calls": step.model_calls,
         "cost_usd": dg.MetadataValue.float(step.cost_usd),
         "latency_ms": dg.MetadataValue.float(round(step.latency_ms, 2)),
+        "confidence": dg.MetadataValue.float(
+            round(step.confidence, 4) if step.confidence is not None else -1.0
+        ),
+        "verified": step.verified,
         "fell_back_to_rules": step.fell_back,
         "preview": dg.MetadataValue.md(preview),
     }
