@@ -154,6 +154,16 @@ def test_a_contact_is_upserted_once_across_retry_and_replay(
     assert crm.lookup("idem_never") is None
 
 
+def test_a_contact_and_their_plan_are_found_by_email(crm: Crm) -> None:
+    assert crm.find_contact("nobody@example.com") is None
+    assert crm.plan_of("nobody@example.com") == "unknown"
+    crm.upsert_contact("idem_plan", ADA.model_copy(update={"tags": ("vip", "plan:Business")}))
+    found = crm.find_contact("  ADA@Example.com ")
+    assert found is not None and found.name == "Ada Lovelace"
+    assert found.tags == ("vip", "plan:Business")
+    assert crm.plan_of("ada@example.com") == "business"
+
+
 def test_notes_are_never_duplicated(crm: Crm, server: FakeCrmServer, intents: IntentLog) -> None:
     crm.upsert_contact("idem_contact", ADA)
     note = Note(contact_email=ADA.email, body="Met at the conference.")

@@ -29,6 +29,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
+from urllib.parse import quote
 
 import duckdb
 import httpx
@@ -127,6 +128,19 @@ class Crm(Connector):
     @abstractmethod
     def upsert_deal(self, key: str, deal: Deal) -> Receipt:
         """Open the deal, or move the one with this contact and title."""
+
+    @abstractmethod
+    def find_contact(self, email: str) -> Contact | None:
+        """The contact with this email, None if the CRM does not know them (a read: it acts
+        on nothing, and a CRM that cannot answer raises OutcomeUnknown)."""
+
+    def plan_of(self, email: str) -> str:
+        """The customer's plan, from the contact's `plan:<name>` tag ('unknown' if none)."""
+        contact = self.find_contact(email)
+        for tag in contact.tags if contact else ():
+            if tag.startswith("plan:") and tag[5:].strip():
+                return tag[5:].strip().lower()
+        return "unknown"
 
 
 def _stable_id(prefix: str, *parts: str) -> str:
@@ -307,6 +321,26 @@ class WarehouseCrm(Crm):
 
         return self._write(key, apply)
 
+    def find_contact(self, email: str) -> Contact | None:
+        """The contact row with this email (addresses are stored lower-case)."""
+        try:
+            with self.warehouse.connect(read_only=True) as connection:
+                tables = connection.execute(
+                    "SELECT count(*) FROM information_schema.tables"
+                    " WHERE table_schema = 'crm' AND table_name = 'contacts'"
+                ).fetchone()
+                if not tables or not tables[0]:
+                    return None
+                row = connection.execute(
+                    "SELECT email, name, company, tags FROM crm.contacts WHERE email = ?",
+                    [_email(email)],
+                ).fetchone()
+        except WarehouseBusy as exc:
+            raise OutcomeUnknown(f"crm: cannot read the warehouse now: {exc}") from exc
+        if row is None:
+            return None
+        return Contact(email=row[0], name=row[1], company=row[2], tags=tuple(json.loads(row[3])))
+
     def lookup(self, key: str) -> Receipt | None:
         """The write made under `key` (contact, note or deal), None if there was none."""
         try:
@@ -446,6 +480,20 @@ class HttpCrm(Crm):
     def upsert_deal(self, key: str, deal: Deal) -> Receipt:
         """``POST /v1/deals``: the provider upserts by contact and title."""
         return _http_receipt("deal", self._post("/v1/deals", deal.model_dump(mode="json"), key))
+
+    def find_contact(self, email: str) -> Contact | None:
+        """``GET /v1/contacts/{email}``: the contact, None on 404."""
+        found = self._api.get_json(
+            f"/v1/contacts/{quote(_email(email))}", self._headers(), missing_is_none=True
+        )
+        if found is None:
+            return None
+        return Contact(
+            email=str(found["email"]),
+            name=found.get("name"),
+            company=found.get("company"),
+            tags=tuple(found.get("tags") or ()),
+        )
 
     def lookup(self, key: str) -> Receipt | None:
         """``GET /v1/effects/{key}``: what the provider committed under `key`, None on 404."""

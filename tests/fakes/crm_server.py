@@ -9,6 +9,7 @@ What it speaks (JSON bodies, ``Authorization: Bearer <token>``):
 - ``POST /v1/deals`` ``{contact_email, title, amount_usd, stage}``: upsert by contact and
   title, 200; an unknown contact, a negative amount or an unknown stage is 422.
 - ``GET /v1/effects/{key}``: ``{"kind", "object"}`` committed under that idempotency key, or 404.
+- ``GET /v1/contacts/{email}``: the contact with that email, or 404.
 - ``GET /v1/account``: who the token belongs to (health).
 - errors: ``{"error": {"code", "message"}}``.
 
@@ -35,7 +36,7 @@ import socket
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from tests.fakes.local_server import LocalHTTPFake, TrackedHandler
 
@@ -110,6 +111,12 @@ class _Handler(TrackedHandler):
         path = urlsplit(self.path).path.rstrip("/")
         if path == "/v1/account":
             self._send(record, 200, {"object": "account", "name": "fake crm"})
+        elif path.startswith("/v1/contacts/"):
+            contact = fake.contact(unquote(path.rsplit("/", 1)[1]))
+            if contact is None:
+                self._send(record, 404, _error("not_found", "No contact with that email."))
+            else:
+                self._send(record, 200, contact)
         elif path.startswith("/v1/effects/"):
             found = fake._effect(path.rsplit("/", 1)[1])
             if found is None:
@@ -256,6 +263,12 @@ class FakeCrmServer(LocalHTTPFake):
         """Every contact (copies, in creation order)."""
         with self._lock:
             return copy.deepcopy(list(self._contacts.values()))
+
+    def contact(self, email: str) -> JSONObject | None:
+        """The contact with this (lower-cased) email, a copy."""
+        with self._lock:
+            found = self._contacts.get(email.strip().lower())
+            return copy.deepcopy(found) if found is not None else None
 
     @property
     def notes(self) -> list[JSONObject]:
