@@ -69,6 +69,9 @@ class AgentRole(Generic[InputT, OutputT]):
     """Quick checks of an output against its inputs: they feed confidence and trigger repair."""
     high_value: bool = False
     """Always verified (the operator may also mark a role high-value in `policy.roles`)."""
+    manual_minutes: float = 0.0
+    """Minutes of the operator's manual work one output of this role replaces (what it would
+    take to make it by hand): the time-saved metric counts this per output, less review time."""
 
 
 class StepResult(BaseModel, Generic[OutputT]):

@@ -36,6 +36,7 @@ def _newest_source_mtime() -> float:
     files = [DBT_PROJECT_DIR / "dbt_project.yml", DBT_PROJECT_DIR / "profiles.yml"]
     files += DBT_PROJECT_DIR.glob("models/**/*")
     files += DBT_PROJECT_DIR.glob("macros/**/*")
+    files += DBT_PROJECT_DIR.glob("tests/**/*")
     return max(f.stat().st_mtime for f in files if f.is_file())
 
 

@@ -1,4 +1,5 @@
-"""Metrics: the dbt_facts project over the facts warehouse, in the same lineage as the workflows."""
+"""Metrics: the ledger snapshot and the dbt_facts project over the facts warehouse, in the same
+lineage as the workflows."""
 
 from assets.metrics.assets import ASSETS, JOBS
 

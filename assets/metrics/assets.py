@@ -1,4 +1,5 @@
-"""The dbt_facts models as Dagster assets, downstream of the audit tables the workflows write."""
+"""The dbt_facts models as Dagster assets, downstream of the audit tables the workflows write
+and of the ledger snapshot (`ledger/*`, assets/metrics/ledger.py)."""
 
 import os
 from collections.abc import Iterator, Mapping
@@ -7,6 +8,7 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 
+from assets.metrics.ledger import ledger_snapshot
 from assets.newsletter.assets import APPROVAL_REQUEST, DRAFT, OUTLINE, PUBLISHED_ISSUE, SOURCES
 from resources.dbt import dbt_facts_project, ensure_manifest
 from resources.kernel import AiosKernel
@@ -45,10 +47,11 @@ audit_effect_costs = dg.AssetSpec(
 
 
 class FactsTranslator(DagsterDbtTranslator):
-    """Models under `metrics/`, sources under `audit/`, all owned by the operator."""
+    """Models under `metrics/`, sources under `audit/` and `ledger/` (the ledger snapshot
+    assets carry those keys, so they draw upstream of the models), all owned by the operator."""
 
     def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> dg.AssetKey:
-        """`metrics/<model>` for models; the default (`audit/<table>`) for sources."""
+        """`metrics/<model>` for models; the default (`<source>/<table>`) for sources."""
         if dbt_resource_props["resource_type"] == "model":
             return dg.AssetKey([GROUP, dbt_resource_props["name"]])
         return super().get_asset_key(dbt_resource_props)
@@ -81,14 +84,15 @@ def dbt_facts(
 
 metrics_refresh_job = dg.define_asset_job(
     "metrics_refresh",
-    selection=dg.AssetSelection.assets(dbt_facts),
-    description="Rebuild the metric models from the audit trail.",
+    selection=dg.AssetSelection.assets(ledger_snapshot, dbt_facts),
+    description="Snapshot the ledger, then rebuild and test the metric models.",
 )
 
 ASSETS: list[dg.AssetsDefinition | dg.AssetSpec] = [
     audit_llm_calls,
     audit_events,
     audit_effect_costs,
+    ledger_snapshot,
     dbt_facts,
 ]
 JOBS = [metrics_refresh_job]

@@ -16,6 +16,8 @@ PLANNER: AgentRole[PlannerInput, Outline] = AgentRole(
     prompt=planner_prompt,
     rules=plan_issue,
     checks=outline_checks,
+    # Reading the week's items and ranking them into sections by hand.
+    manual_minutes=30.0,
 )
 
 DRAFTER: AgentRole[DrafterInput, Draft] = AgentRole(
@@ -25,4 +27,6 @@ DRAFTER: AgentRole[DrafterInput, Draft] = AgentRole(
     prompt=drafter_prompt,
     rules=write_issue,
     checks=draft_checks,
+    # Writing the issue by hand from an outline, one cited story per item.
+    manual_minutes=90.0,
 )
