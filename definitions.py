@@ -33,6 +33,7 @@ defs = dg.Definitions(
         stuck_effects_sensor,
         customer_messages_sensor(_config.support.inbox),
         failed_steps_sensor,
+        *metrics.SENSORS,
     ],
     resources=build_resources(_config_path),
     # Steps run one after another in the run's process: each step subprocess of the default

@@ -533,7 +533,14 @@ class SupportInboxSettings(_Section):
 class SupportSettings(_Section):
     """The indie SaaS support workflow."""
 
+    product: str = Field(default="our product", description="What customers write about.")
     inbox: SupportInboxSettings = SupportInboxSettings()
+    triage_concurrency: int = Field(
+        default=8, ge=1, le=256, description="Messages triaged at once (model calls in flight)."
+    )
+    known_issue_matches: int = Field(
+        default=3, ge=0, le=20, description="Known issues recalled per message as candidates."
+    )
 
 
 class AiosConfig(_Section):

@@ -12,16 +12,22 @@ import dagster as dg
 from aios_dagster.approvals import approved_run
 from assets.facts import apply_fact_change_job
 from assets.newsletter import publish_newsletter_job
+from assets.support import refund_customer_job, send_support_reply_job
 from resources.kernel import AiosKernel
 
 
 @dg.sensor(
     name="approved_actions",
-    jobs=[publish_newsletter_job, apply_fact_change_job],
+    jobs=[
+        publish_newsletter_job,
+        apply_fact_change_job,
+        send_support_reply_job,
+        refund_customer_job,
+    ],
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Launches the run each approval names (publish an issue, apply a fact change) "
-    "as soon as the operator grants it.",
+    description="Launches the run each approval names (publish an issue, apply a fact change, "
+    "send a support reply, make a refund) as soon as the operator grants it.",
 )
 def approved_actions_sensor(
     context: dg.SensorEvaluationContext, aios: AiosKernel

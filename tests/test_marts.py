@@ -690,11 +690,15 @@ def test_the_snapshot_reads_a_postgres_ledger_at_one_point_in_time(
     ]
 
 
-def test_the_newsletter_roles_declare_the_manual_work_they_replace() -> None:
+def test_the_workflows_roles_declare_the_manual_work_they_replace() -> None:
     declared = {
         (row.workflow, row.role): row.manual_minutes for row in ledger_assets.role_declarations()
     }
-    assert set(declared) == {("newsletter", "planner"), ("newsletter", "drafter")}
+    assert set(declared) == {
+        ("newsletter", "planner"),
+        ("newsletter", "drafter"),
+        ("support", "triager"),
+    }
     assert all(minutes > 0 for minutes in declared.values())
     assert declared_minutes("newsletter", [PLANNER]) == [
         RoleMinutes(workflow="newsletter", role="planner", manual_minutes=PLANNER.manual_minutes)

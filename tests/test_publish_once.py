@@ -8,7 +8,6 @@ STARTTLS with login, against a real aiosmtpd server on 127.0.0.1.
 
 from __future__ import annotations
 
-import email
 import json
 import os
 import re
@@ -16,11 +15,7 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from email.message import EmailMessage
-from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +31,7 @@ from aios_dagster.connectors.base import EffectFailed, EffectRequest
 from aios_dagster.connectors.email_smtp import OutgoingEmail, SmtpMailer, message_id_for
 from aios_dagster.kernel import Kernel
 from tests.conftest import ISSUE, REPO, free_port, materialize, write_config
+from tests.fakes.smtp_inbox import Inbox
 
 PUBLISH = "key:newsletter/published_issue"
 PublishFn = Callable[..., dg.ExecuteInProcessResult]
@@ -45,6 +41,7 @@ CRASH_SCRIPT = """
 import sys
 from pathlib import Path
 
+from tests.fakes.smtp_inbox import Inbox
 from tests.conftest import materialize
 
 materialize(Path(sys.argv[1]), sys.argv[2], tags={"aios/approval_id": sys.argv[3]})
@@ -304,48 +301,6 @@ def test_a_tampered_staged_payload_is_refused(
 
 
 # --- (f) email ------------------------------------------------------------------------------
-
-
-@dataclass
-class Inbox:
-    """An aiosmtpd handler that keeps every accepted message and can refuse recipients."""
-
-    refuse: set[str] = field(default_factory=set)
-    received: list[tuple[str, EmailMessage, dict[str, Any]]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
-    ) -> str:
-        if address in self.refuse:
-            return "550 5.1.1 mailbox unavailable"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(  # noqa: N802 - aiosmtpd's hook name
-        self, server: Any, session: Any, envelope: Any
-    ) -> str:
-        message = email.message_from_bytes(envelope.content, policy=default_policy)
-        assert isinstance(message, EmailMessage)
-        auth = session.auth_data
-        facts = {
-            "tls": session.ssl is not None,
-            "login": auth.login.decode() if isinstance(auth, LoginPassword) else None,
-        }
-        with self.lock:
-            for rcpt in envelope.rcpt_tos:
-                self.received.append((rcpt, message, facts))
-        return "250 Message accepted for delivery"
-
-    def to(self, address: str) -> list[EmailMessage]:
-        """Messages delivered to one recipient."""
-        with self.lock:
-            return [m for rcpt, m, _ in self.received if rcpt == address]
-
-    def count(self) -> int:
-        """All deliveries so far."""
-        with self.lock:
-            return len(self.received)
 
 
 @pytest.fixture

@@ -259,7 +259,12 @@ def test_definitions_snapshot(config_path: Path, definitions_module: ModuleType)
         "memory/newsletter_published",
     }
     sensor = defs.resolve_sensor_def("approved_actions")
-    assert sorted(t.job_name for t in sensor.targets) == ["apply_fact_change", PUBLISH_JOB]
+    assert sorted(t.job_name for t in sensor.targets) == [
+        "apply_fact_change",
+        PUBLISH_JOB,
+        "refund_customer",
+        "send_support_reply",
+    ]
     assert defs.resolve_schedule_def("weekly_newsletter_issue").job_name == "newsletter_issue"
 
     # The resources read the operator config named by $AIOS_CONFIG.

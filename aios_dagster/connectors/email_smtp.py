@@ -36,6 +36,8 @@ class OutgoingEmail(BaseModel):
     text: str
     html: str | None = None
     list_unsubscribe: str | None = None
+    in_reply_to: str | None = None
+    """The Message-ID (without brackets) this answers, so the customer's client threads it."""
 
 
 def message_id_for(key: str) -> str:
@@ -83,6 +85,9 @@ class SmtpMailer(Connector):
         message["X-Idempotency-Key"] = key
         if email.list_unsubscribe:
             message["List-Unsubscribe"] = email.list_unsubscribe
+        if email.in_reply_to:
+            message["In-Reply-To"] = f"<{email.in_reply_to}>"
+            message["References"] = f"<{email.in_reply_to}>"
         message.set_content(email.text)
         if email.html:
             message.add_alternative(email.html, subtype="html")

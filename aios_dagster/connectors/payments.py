@@ -41,6 +41,8 @@ from aios_dagster.connectors.keyed_http import ProviderBusy as ProviderBusy
 
 METADATA_KEY = "aios_key"
 """The metadata field that carries the effect's idempotency key at the provider."""
+CUSTOMER_EMAIL_KEY = "customer_email"
+"""The metadata field naming the customer a charge was for (how a refund finds its charge)."""
 
 
 class ChargeRequest(BaseModel):
@@ -191,6 +193,23 @@ class PaymentsConnector(Connector):
                 break
             params = [("limit", "100"), ("starting_after", str(refunds[-1]["id"]))]
         return None
+
+    def latest_payment_of(self, customer_email: str) -> Receipt | None:
+        """The customer's most recent succeeded charge, found by its
+        ``metadata[customer_email]`` (None when they have none: nothing to refund)."""
+        email = customer_email.strip().lower().replace("\\", "").replace("'", "\\'")
+        found = self._get(
+            "/v1/payment_intents/search",
+            [
+                ("query", f"metadata['{CUSTOMER_EMAIL_KEY}']:'{email}'"),
+                ("expand[]", "data.latest_charge.balance_transaction"),
+            ],
+        )
+        paid = [i for i in found.get("data") or [] if i.get("status") == "succeeded"]
+        if not paid:
+            return None
+        newest = max(paid, key=lambda intent: int(intent.get("created") or 0))
+        return self._intent_receipt(newest)
 
     def health(self) -> HealthReport:
         """Read the balance: the key works and the API answers, nothing is acted on."""

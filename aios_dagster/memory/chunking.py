@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aios_dagster.config import MemorySettings
 
-Kind = Literal["source", "published", "note", "feedback"]
+Kind = Literal["source", "published", "note", "feedback", "issue"]
 """What a chunk is: a research source, a published output, an operator note, audience feedback."""
 
 RefusalCode = Literal["empty", "too_large", "binary", "undecodable"]

@@ -8,8 +8,9 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 
-from assets.metrics.ledger import ledger_snapshot
-from assets.newsletter.assets import APPROVAL_REQUEST, DRAFT, OUTLINE, PUBLISHED_ISSUE, SOURCES
+from assets.metrics.automation import AFTER_WORKFLOW_RUNS
+from assets.metrics.ledger import WORKFLOW_WRITES, ledger_snapshot
+from assets.newsletter.assets import DRAFT, OUTLINE, SOURCES
 from resources.dbt import dbt_facts_project, ensure_manifest
 from resources.kernel import AiosKernel
 
@@ -17,33 +18,40 @@ GROUP = "metrics"
 OWNERS = ["team:operator"]
 WAREHOUSE_ENV_VAR = "AIOS_WAREHOUSE_PATH"
 
-audit_llm_calls = dg.AssetSpec(
-    key=["audit", "llm_calls"],
-    group_name="audit",
-    owners=OWNERS,
-    kinds={"duckdb"},
-    description="Every model call (and rules-tier stand-in) with tier, model, tokens, cost and "
+AUDIT_TABLES: dict[str, str] = {
+    "llm_calls": "Every model call (and rules-tier stand-in) with tier, model, tokens, cost and "
     "latency, written by the agent runtime during workflow steps.",
-    deps=[OUTLINE, DRAFT],
-)
-
-audit_events = dg.AssetSpec(
-    key=["audit", "events"],
-    group_name="audit",
-    owners=OWNERS,
-    kinds={"duckdb"},
-    description="Every decision, quarantine, approval and side effect, with its reason.",
-    deps=[SOURCES, DRAFT, APPROVAL_REQUEST, PUBLISHED_ISSUE],
-)
-
-audit_effect_costs = dg.AssetSpec(
-    key=["audit", "effect_costs"],
-    group_name="audit",
-    owners=OWNERS,
-    kinds={"duckdb"},
-    description="Every cost a connector's provider charged for an effect (a payment's fee), "
+    "events": "Every decision, quarantine, approval, failure and side effect, with its reason.",
+    "effect_costs": "Every cost a connector's provider charged for an effect (a payment's fee), "
     "recorded by the intent log beside the model spend.",
+}
+
+
+@dg.multi_asset(
+    name="audit_tables",
+    specs=[
+        dg.AssetSpec(
+            key=["audit", table],
+            group_name="audit",
+            owners=OWNERS,
+            kinds={"duckdb"},
+            description=description,
+            deps=[SOURCES, OUTLINE, DRAFT, *WORKFLOW_WRITES],
+            automation_condition=AFTER_WORKFLOW_RUNS,
+        )
+        for table, description in AUDIT_TABLES.items()
+    ],
 )
+def audit_tables(aios: AiosKernel) -> Iterator[dg.MaterializeResult[Any]]:
+    """The audit tables as the workflow steps wrote them, with rows spooled while the warehouse
+    was locked written in first: what the metric models read is complete up to now."""
+    kernel = aios.kernel()
+    kernel.audit.flush()
+    for table in AUDIT_TABLES:
+        [row] = kernel.warehouse.query(f"SELECT count(*) AS n FROM audit.{table}")
+        yield dg.MaterializeResult(
+            asset_key=["audit", table], metadata={"rows": dg.MetadataValue.int(int(row["n"]))}
+        )
 
 
 class FactsTranslator(DagsterDbtTranslator):
@@ -63,6 +71,12 @@ class FactsTranslator(DagsterDbtTranslator):
     def get_owners(self, dbt_resource_props: Mapping[str, Any]) -> list[str] | None:
         """The operator owns the numbers."""
         return OWNERS
+
+    def get_automation_condition(
+        self, dbt_resource_props: Mapping[str, Any]
+    ) -> dg.AutomationCondition[Any] | None:
+        """Every model rebuilds after the ledger snapshot or the audit it reads is updated."""
+        return AFTER_WORKFLOW_RUNS
 
 
 @dbt_assets(
@@ -84,14 +98,12 @@ def dbt_facts(
 
 metrics_refresh_job = dg.define_asset_job(
     "metrics_refresh",
-    selection=dg.AssetSelection.assets(ledger_snapshot, dbt_facts),
-    description="Snapshot the ledger, then rebuild and test the metric models.",
+    selection=dg.AssetSelection.assets(audit_tables, ledger_snapshot, dbt_facts),
+    description="Flush the audit and snapshot the ledger, then rebuild and test the metric models.",
 )
 
 ASSETS: list[dg.AssetsDefinition | dg.AssetSpec] = [
-    audit_llm_calls,
-    audit_events,
-    audit_effect_costs,
+    audit_tables,
     ledger_snapshot,
     dbt_facts,
 ]

@@ -15,7 +15,11 @@ import dagster as dg
 from aios_dagster.agents import AgentRole
 from aios_dagster.metrics import RoleMinutes, declared_minutes, snapshot_ledger
 from aios_dagster.metrics.tables import ALL_TABLES
+from assets.metrics.automation import AFTER_WORKFLOW_RUNS
+from assets.newsletter.assets import APPROVAL_REQUEST, PUBLISHED_ISSUE
 from assets.newsletter.roles import DRAFTER, PLANNER
+from assets.support import REFUND, REPLY_REQUESTS, SENT_REPLY
+from assets.support.roles import TRIAGER
 from resources.kernel import AiosKernel
 
 GROUP = "ledger"
@@ -23,10 +27,21 @@ OWNERS = ["team:operator"]
 
 DECLARED_ROLES: Mapping[str, Sequence[AgentRole[Any, Any]]] = {
     "newsletter": (PLANNER, DRAFTER),
+    "support": (TRIAGER,),
 }
 """Every workflow's agent roles, whose `manual_minutes` the time-saved metric counts. A new
 workflow adds its roles here; a role missing from this list counts 0 minutes per output (the
 `time_saved` mart shows how many such outputs there were)."""
+
+WORKFLOW_WRITES: Sequence[dg.AssetKey] = (
+    APPROVAL_REQUEST,
+    PUBLISHED_ISSUE,
+    REPLY_REQUESTS,
+    SENT_REPLY,
+    REFUND,
+)
+"""The workflow steps after which the ledger holds something new (approvals, effects, spend):
+the snapshot's upstream, so automation refreshes the numbers after them."""
 
 TABLE_DESCRIPTIONS: Mapping[str, str] = {
     "approvals": "Every approval request, its status and latest decision.",
@@ -60,6 +75,8 @@ def role_declarations() -> list[RoleMinutes]:
             owners=OWNERS,
             kinds={"duckdb"},
             description=TABLE_DESCRIPTIONS[table.name],
+            deps=WORKFLOW_WRITES,
+            automation_condition=AFTER_WORKFLOW_RUNS,
         )
         for table in ALL_TABLES
     ],

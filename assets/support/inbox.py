@@ -51,14 +51,3 @@ def messages(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Output[M
             "attachments": sum(len(m.attachments) for m in found),
         },
     )
-
-
-support_triage_job = dg.define_asset_job(
-    TRIAGE_JOB,
-    selection=dg.AssetSelection.assets(MESSAGES),
-    partitions_def=SUPPORT_BATCHES,
-    description="Handle one batch of customer messages.",
-)
-
-ASSETS: list[dg.AssetsDefinition] = [messages]
-JOBS = [support_triage_job]

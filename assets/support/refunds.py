@@ -1,0 +1,127 @@
+"""Refunds: only ever the operator's decision, made once, through the payments connector.
+
+A refund is asked for in a message (or an injected instruction pretends it is), triage turns it
+into an approval request with the asked-for amount, and only an approval of that exact payload
+runs this step: it finds the customer's latest charge and refunds the approved amount under the
+intent log, so a retried or re-run step refunds once.
+"""
+
+import dagster as dg
+
+from aios_dagster.approvals import APPROVAL_TAG, NotAuthorized
+from aios_dagster.audit import StepContext
+from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown
+from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
+from aios_dagster.connectors.payments import PaymentsConnector, RefundRequest
+from aios_dagster.connectors.registry import close_all, configured_connectors
+from aios_dagster.policy.breakers import BreakerOpen
+from assets.support.inbox import GROUP, OWNERS, WORKFLOW
+from assets.support.replies import REFUND_JOB, REPLY_REQUESTS, SUPPORT_TICKETS
+from resources.kernel import AiosKernel
+
+REFUND = dg.AssetKey([WORKFLOW, "refund"])
+
+
+@dg.asset(
+    key=REFUND,
+    deps=[REPLY_REQUESTS],
+    group_name=GROUP,
+    partitions_def=SUPPORT_TICKETS,
+    owners=OWNERS,
+    kinds={"python", "stripe"},
+    description="Refunds the approved amount of one ticket's refund request on the customer's "
+    "latest charge, exactly once; never runs without the operator's approval of that payload.",
+)
+def refund(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.MaterializeResult[None]:
+    """Refund what the operator approved for this ticket."""
+    kernel = aios.kernel()
+    ticket = context.partition_key
+    step = StepContext(
+        workflow=WORKFLOW,
+        step=REFUND.to_user_string(),
+        partition_key=ticket,
+        run_id=context.run.run_id,
+    )
+    approval_id = context.run.tags.get(APPROVAL_TAG)
+    if approval_id is None:
+        current = kernel.approvals.current(WORKFLOW, ticket, "refund")
+        if current is None or current.status != "approved":
+            raise dg.Failure(f"ticket {ticket} has no approved refund", allow_retries=False)
+        approval_id = current.approval_id
+    try:
+        approval, payload = kernel.approvals.authorize(approval_id, partition_key=ticket)
+    except NotAuthorized as exc:
+        kernel.audit.note(
+            step,
+            kind="decision",
+            actor="agent:support",
+            subject=f"approval:{approval_id}",
+            decision="refused",
+            reason=str(exc),
+        )
+        kernel.audit.flush()
+        raise dg.Failure(f"not refunding on ticket {ticket}: {exc}", allow_retries=False) from None
+    if approval.action != "refund":
+        raise dg.Failure(f"approval {approval_id} is for a {approval.action}, not a refund")
+    connectors = configured_connectors(aios.operator_config(), kernel.warehouse)
+    try:
+        payments = connectors.get("payments")
+        if not isinstance(payments, PaymentsConnector):
+            raise dg.Failure(
+                "no `payments` section in the operator config: the refund cannot be made",
+                allow_retries=False,
+            )
+        customer = str(payload.metadata["customer_email"])
+        amount = int(payload.metadata["amount_cents"])
+        charge = payments.latest_payment_of(customer)
+        if charge is None:
+            raise dg.Failure(f"{customer} has no charge to refund", allow_retries=False)
+        request = EffectRequest(
+            workflow=WORKFLOW,
+            item_key=ticket,
+            action="refund",
+            target=charge.provider_id or customer,
+            payload_hash=approval.payload_hash,
+        )
+        outcome = kernel.intents.execute(
+            payments,
+            request,
+            lambda key: payments.refund(
+                key, RefundRequest(payment_intent=charge.provider_id or "", amount=amount)
+            ),
+            step,
+        )
+    except (
+        BreakerOpen,
+        EffectFailed,
+        OutcomeUnknown,
+        EffectInProgress,
+        EffectNeedsOperator,
+    ) as exc:
+        raise dg.Failure(
+            f"the refund on ticket {ticket} was not made: {type(exc).__name__}: {exc}",
+            allow_retries=False,
+        ) from exc
+    finally:
+        close_all(connectors)
+        kernel.audit.flush()
+    kernel.approvals.mark_executed(approval.approval_id, run_id=context.run.run_id)
+    return dg.MaterializeResult(
+        metadata={
+            "customer": customer,
+            "amount_cents": amount,
+            "charge": charge.provider_id or "",
+            "refund": outcome.provider_id or "",
+            "approval_id": approval.approval_id,
+            "replayed": outcome.replayed,
+        }
+    )
+
+
+refund_customer_job = dg.define_asset_job(
+    REFUND_JOB,
+    selection=dg.AssetSelection.assets(REFUND),
+    partitions_def=SUPPORT_TICKETS,
+    description="Make one ticket's approved refund.",
+    tags={"aios/workflow": WORKFLOW},
+)
