@@ -13,10 +13,14 @@ from aios_dagster.config import config_path_from_env, load_config
 from assets import facts, metrics, newsletter, support
 from resources import build_resources
 from sensors import (
+    approval_deadlines_sensor,
     approved_actions_sensor,
     customer_messages_sensor,
+    customer_sla_sensor,
     failed_steps_sensor,
+    release_tags_sensor,
     stuck_effects_sensor,
+    telemetry_anomalies_sensor,
     weekly_issue_schedule,
 )
 
@@ -30,8 +34,12 @@ defs = dg.Definitions(
     schedules=[weekly_issue_schedule(_config.newsletter.cadence)],
     sensors=[
         approved_actions_sensor,
+        approval_deadlines_sensor,
         stuck_effects_sensor,
         customer_messages_sensor(_config.support.inbox),
+        customer_sla_sensor(_config.support.sla),
+        telemetry_anomalies_sensor(_config.support.telemetry),
+        release_tags_sensor(_config.support.release_notes),
         failed_steps_sensor,
         *metrics.SENSORS,
     ],

@@ -89,7 +89,9 @@ class EffectCost(BaseModel):
     run_id: str | None
 
 
-EventKind = Literal["decision", "quarantine", "approval", "effect", "fallback", "failure"]
+EventKind = Literal[
+    "decision", "quarantine", "approval", "effect", "fallback", "failure", "escalation"
+]
 
 
 class AuditEvent(BaseModel):

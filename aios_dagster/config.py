@@ -444,6 +444,36 @@ class RolePolicy(_Section):
     high_value: bool = Field(default=False, description="Always verify (publish, refund...).")
 
 
+class ApprovalDeadline(_Section):
+    """How long an action type may wait for the operator, and what happens when it has waited.
+
+    Why: an approval that waits forever is work that silently never ships (or, worse, ships a
+    stale draft weeks later). On expiry the policy applies: `reject` (with reason 'deadline
+    passed'), `escalate` (email the operator once through the SMTP connector; the request stays
+    pending), or `approve`, which is allowed only for action types marked `reversible`: an
+    irreversible action is never taken without the operator's yes (promise 1).
+    """
+
+    hours: float = Field(gt=0, le=24 * 366, description="Hours from the request to the deadline.")
+    on_expiry: Literal["reject", "escalate", "approve"] = "escalate"
+    reversible: bool = Field(
+        default=False, description="The action can be undone; only then may expiry approve it."
+    )
+
+    @model_validator(mode="after")
+    def _approve_only_when_reversible(self) -> ApprovalDeadline:
+        if self.on_expiry == "approve" and not self.reversible:
+            raise ValueError(
+                "on_expiry 'approve' needs reversible: true (an irreversible action is never "
+                "approved without the operator); use 'reject' or 'escalate'"
+            )
+        return self
+
+
+def _default_approval_deadlines() -> dict[str, ApprovalDeadline]:
+    return {"publish": ApprovalDeadline(hours=48, on_expiry="escalate")}
+
+
 class PolicySettings(_Section):
     """The policy engine: budgets, what to do when one would be passed, retries, breakers."""
 
@@ -456,6 +486,11 @@ class PolicySettings(_Section):
     breakers: BreakerSettings = BreakerSettings()
     roles: dict[str, RolePolicy] = Field(
         default_factory=dict, description="Role name -> its confidence threshold and value."
+    )
+    approval_deadlines: dict[str, ApprovalDeadline] = Field(
+        default_factory=_default_approval_deadlines,
+        description="Action type ('publish', or '<workflow>/<action>' for one workflow) -> its "
+        "approval deadline and what happens on expiry.",
     )
 
     def over_budget_action(self, workflow: str) -> OverBudget:
@@ -513,6 +548,40 @@ class GhostCmsSettings(_Section):
         return value
 
 
+class DeploySettings(_Section):
+    """The deploy webhook a rollback is requested through (your CI/CD or host's API)."""
+
+    base_url: str = Field(min_length=1, description="e.g. https://deploy.example.com")
+    token_env: str = "AIOS_DEPLOY_TOKEN"
+    timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_VAR_NAME.match(value):
+            raise ValueError("must be the NAME of an environment variable, not a secret token")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class RollbackPolicy(_Section):
+    """When a rollback may run without the operator's approval (never, by default)."""
+
+    auto_on_sla_breach: bool = Field(
+        default=False,
+        description="Roll back automatically when a P1 ticket is past its SLA and the proposal "
+        "is confident enough; otherwise every rollback waits for approval.",
+    )
+    min_confidence: float = Field(default=0.9, ge=0, le=1)
+    high_impact_z: float = Field(
+        default=10.0, gt=0, description="A regression this far off its normal is high impact."
+    )
+
+
 class SupportInboxSettings(_Section):
     """Where customer messages land on disk, and how they are batched into runs."""
 
@@ -530,6 +599,75 @@ class SupportInboxSettings(_Section):
     max_message_bytes: int = Field(default=10_000_000, ge=1_000)
 
 
+SupportSeverity = Literal["P1", "P2", "P3", "P4"]
+
+
+def _default_sla_hours() -> dict[SupportSeverity, list[float]]:
+    return {"P1": [2.0, 4.0], "P2": [8.0, 24.0], "P3": [72.0]}
+
+
+class SlaPolicy(_Section):
+    """How long a ticket may wait for its reply before the operator is emailed, by severity.
+
+    Each list holds the hours after which the next escalation goes out: with `P1: [2, 4]`, a
+    P1 unanswered for 2 h emails the operator, and at 4 h it is escalated again. A plan may
+    have its own hours (e.g. `plans: {business: {P2: [4, 8]}}`).
+    """
+
+    hours: dict[SupportSeverity, list[float]] = Field(default_factory=_default_sla_hours)
+    plans: dict[str, dict[SupportSeverity, list[float]]] = Field(default_factory=dict)
+    check_seconds: int = Field(default=60, ge=5, le=3600, description="Sensor interval.")
+
+    @model_validator(mode="after")
+    def _rising(self) -> SlaPolicy:
+        tables = [("hours", self.hours)] + [(f"plans.{p}", t) for p, t in self.plans.items()]
+        for where, table in tables:
+            for severity, steps in table.items():
+                if any(h <= 0 for h in steps) or steps != sorted(set(steps)):
+                    raise ValueError(
+                        f"{where}.{severity}: hours must be positive and rising, got {steps}"
+                    )
+        return self
+
+    def thresholds(self, severity: str, plan: str) -> list[float]:
+        """The escalation hours for a ticket of this severity on this plan."""
+        table = self.plans.get(plan.lower(), {})
+        key = severity if severity in ("P1", "P2", "P3", "P4") else "P3"
+        return list(table.get(key, self.hours.get(key, [])))  # type: ignore[call-overload]
+
+
+class TelemetrySettings(_Section):
+    """Where product telemetry is and when a bucket of it is an anomaly."""
+
+    sources: list[str] = Field(
+        default_factory=list,
+        description="CSV or Parquet files (relative to this file), or `table:<schema.name>` in "
+        "the facts warehouse: time buckets with release, errors, latency_ms, signups.",
+    )
+    window: int = Field(default=24, ge=3, le=10_000, description="Earlier buckets compared.")
+    min_window: int = Field(default=5, ge=3, le=10_000)
+    z: float = Field(default=4.0, gt=0, le=100, description="Robust deviations that alarm.")
+    check_seconds: int = Field(default=300, ge=5, le=86_400, description="Sensor interval.")
+
+
+class ReleaseNotesSettings(_Section):
+    """Where releases are tagged and where their approved notes are published."""
+
+    repo: Path | None = Field(
+        default=None, description="The product's git repository (relative to this file)."
+    )
+    changelog: Path = Field(
+        default=Path("CHANGELOG.md"), description="Relative paths sit in the repository."
+    )
+    issues_file: Path | None = Field(
+        default=None,
+        description="JSON list of {number, title} (an issue tracker export) to name the issues "
+        "a release closed.",
+    )
+    publish_to: Literal["changelog", "cms"] = "changelog"
+    check_seconds: int = Field(default=300, ge=5, le=86_400, description="Tag sensor interval.")
+
+
 class SupportSettings(_Section):
     """The indie SaaS support workflow."""
 
@@ -541,6 +679,10 @@ class SupportSettings(_Section):
     known_issue_matches: int = Field(
         default=3, ge=0, le=20, description="Known issues recalled per message as candidates."
     )
+    sla: SlaPolicy = SlaPolicy()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    rollback: RollbackPolicy = RollbackPolicy()
+    release_notes: ReleaseNotesSettings = ReleaseNotesSettings()
 
 
 class AiosConfig(_Section):
@@ -559,6 +701,7 @@ class AiosConfig(_Section):
     payments: PaymentsSettings | None = None
     cms: GhostCmsSettings | None = None
     support: SupportSettings = SupportSettings()
+    deploy: DeploySettings | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path)
     # Not a field: it comes from where the file is, never from what it says.
@@ -583,6 +726,13 @@ class AiosConfig(_Section):
         """Absolute site output folder; relative values live inside the state directory."""
         site = self.newsletter.site_dir.expanduser()
         return site if site.is_absolute() else (self.state_path / site).resolve()
+
+    def telemetry_locations(self) -> list[str]:
+        """Telemetry sources with file paths resolved; warehouse tables as given."""
+        return [
+            source if source.startswith("table:") else str(self.resolve(Path(source)))
+            for source in self.support.telemetry.sources
+        ]
 
     def feed_locations(self) -> list[str]:
         """Feeds with local paths resolved; URLs as given."""

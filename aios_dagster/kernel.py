@@ -30,6 +30,7 @@ from aios_dagster.policy.engine import ModelCaller
 from aios_dagster.policy.training import TrainingQueue
 from aios_dagster.published import PublishedWork
 from aios_dagster.quarantine import Quarantine
+from aios_dagster.support.tickets import TicketBook
 from aios_dagster.warehouse import Warehouse
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class Kernel:
     intents: IntentLog
     quarantine: Quarantine
     inbox: Inbox
+    tickets: TicketBook
     published: PublishedWork
     gateway: LLMGateway
     agents: AgentRuntime
@@ -210,6 +212,7 @@ class Kernel:
             intents=IntentLog(ledger, audit, breakers=breakers, retries=config.policy.retries),
             quarantine=quarantine,
             inbox=Inbox(ledger, quarantine),
+            tickets=TicketBook(ledger),
             published=PublishedWork(ledger),
             gateway=gateway,
             agents=AgentRuntime(

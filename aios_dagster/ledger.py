@@ -336,6 +336,48 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        9,
+        "approval edits and deadlines",
+        (
+            # An operator's edit makes a new payload and a new approval: it names the approval
+            # it was edited from, so the inbox can show the diff and the lineage.
+            "ALTER TABLE approvals ADD COLUMN edited_from TEXT",
+            # When the deadline policy escalated a pending request to the operator (once).
+            "ALTER TABLE approvals ADD COLUMN escalated_at TEXT",
+            "CREATE INDEX approval_decisions_by_approval"
+            " ON approval_decisions (approval_id, decided_at)",
+        ),
+    ),
+    Migration(
+        10,
+        "support tickets",
+        (
+            # One row per customer ticket (a message taken in and triaged): the SLA sensor
+            # reads the open ones; the escalation level only rises, in one UPDATE, so each
+            # level is acted on once.
+            """
+            CREATE TABLE support_tickets (
+                ticket_id TEXT PRIMARY KEY,
+                item_key TEXT NOT NULL UNIQUE,
+                batch_key TEXT NOT NULL,
+                sender TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                plan TEXT NOT NULL,
+                category TEXT NOT NULL,
+                severity TEXT NOT NULL CHECK (severity IN ('P1', 'P2', 'P3', 'P4')),
+                duplicate_of TEXT,
+                status TEXT NOT NULL CHECK (status IN ('open', 'answered', 'closed')),
+                received_at TEXT NOT NULL,
+                triaged_at TEXT,
+                answered_at TEXT,
+                escalation_level INTEGER NOT NULL DEFAULT 0,
+                last_escalated_at TEXT
+            )
+            """,
+            "CREATE INDEX support_tickets_by_status ON support_tickets (status, received_at)",
+        ),
+    ),
 )
 
 

@@ -12,7 +12,12 @@ import dagster as dg
 from aios_dagster.approvals import approved_run
 from assets.facts import apply_fact_change_job
 from assets.newsletter import publish_newsletter_job
-from assets.support import refund_customer_job, send_support_reply_job
+from assets.support import (
+    publish_release_notes_job,
+    refund_customer_job,
+    rollback_release_job,
+    send_support_reply_job,
+)
 from resources.kernel import AiosKernel
 
 
@@ -23,11 +28,13 @@ from resources.kernel import AiosKernel
         apply_fact_change_job,
         send_support_reply_job,
         refund_customer_job,
+        rollback_release_job,
+        publish_release_notes_job,
     ],
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches the run each approval names (publish an issue, apply a fact change, "
-    "send a support reply, make a refund) as soon as the operator grants it.",
+    "send a support reply, make a refund, roll a release back) as soon as the operator grants it.",
 )
 def approved_actions_sensor(
     context: dg.SensorEvaluationContext, aios: AiosKernel

@@ -414,3 +414,14 @@ def test_metrics_refresh_models_model_spend_and_provider_fees_per_workflow_day(
     assert rows == [
         {"model_usd": 0.3, "model_calls": 2, "fees_usd": 0.59, "charges": 1, "total_usd": 0.89}
     ]
+
+    # The week's report reads the same marts: the real CLI prints the tables and writes HTML.
+    report = run_cli([tool("aios"), "report"], cwd=workspace.root, env=workspace.env)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "Spend against budgets" in report.stdout and "Time saved" in report.stdout
+    assert "$0.8900" in report.stdout  # saas: 0.30 of models + 0.59 of fees, this week
+    html_path = Path(report.stdout.split("HTML report: ", 1)[1].split()[0])
+    html = html_path.read_text(encoding="utf-8")
+    # Spend per day and time saved per week (no outcome has a work item here: no third chart).
+    assert html.count("<svg") == 2 and "<script" not in html
+    assert 'aria-label="Spend per day"' in html

@@ -162,6 +162,10 @@ def test_a_contact_and_their_plan_are_found_by_email(crm: Crm) -> None:
     assert found is not None and found.name == "Ada Lovelace"
     assert found.tags == ("vip", "plan:Business")
     assert crm.plan_of("ada@example.com") == "business"
+    assert crm.plans_of(["ADA@example.com", "nobody@example.org"]) == {
+        "ADA@example.com": "business",
+        "nobody@example.org": "unknown",
+    }
 
 
 def test_notes_are_never_duplicated(crm: Crm, server: FakeCrmServer, intents: IntentLog) -> None:

@@ -213,8 +213,23 @@ def test_dev_server_serves_the_code_location(command: list[str], tmp_path: Path)
         assert sorted(t["pipelineName"] for t in approved["targets"]) == [
             "apply_fact_change",
             "publish_newsletter_issue",
+            "publish_release_notes",
+            "refund_customer",
+            "rollback_release",
+            "send_support_reply",
         ]
         assert approved["sensorState"]["status"] == "RUNNING"
+        # Every trigger runs by default, the support workflow's and the metrics refresh too.
+        for name in (
+            "customer_messages",
+            "support_sla",
+            "telemetry_anomalies",
+            "release_tags",
+            "approval_deadlines",
+            "failed_steps",
+            "metrics_automation",
+        ):
+            assert sensors[name]["sensorState"]["status"] == "RUNNING", name
         schedules = {s["name"]: s for s in repo["schedules"]}
         weekly = schedules["weekly_newsletter_issue"]
         assert weekly["pipelineName"] == "newsletter_issue"

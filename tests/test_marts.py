@@ -36,6 +36,8 @@ from aios_dagster.config import BudgetSettings, load_config
 from aios_dagster.kernel import Kernel
 from aios_dagster.ledger import Ledger
 from aios_dagster.metrics import RoleMinutes, declared_minutes, snapshot_ledger
+from aios_dagster.metrics.report import build_weekly_report, week_of
+from aios_dagster.metrics.report_html import render_report
 from aios_dagster.metrics.tables import SnapshotTable
 from aios_dagster.policy.budgets import Budgets
 from aios_dagster.warehouse import Warehouse
@@ -698,6 +700,8 @@ def test_the_workflows_roles_declare_the_manual_work_they_replace() -> None:
         ("newsletter", "planner"),
         ("newsletter", "drafter"),
         ("support", "triager"),
+        ("support", "release_guard"),
+        ("support", "release_writer"),
     }
     assert all(minutes > 0 for minutes in declared.values())
     assert declared_minutes("newsletter", [PLANNER]) == [
@@ -754,3 +758,44 @@ def test_broken_invariants_fail_exactly_the_dbt_tests_that_guard_them(
     }
     assert not invocation.is_successful()
     assert results == {**dict.fromkeys(GUARDS, "fail"), **dict.fromkeys(BYSTANDERS, "pass")}
+
+
+def test_the_weekly_report_reads_the_week_from_the_marts_and_renders(
+    warehouse: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "warehouse.duckdb"  # the report's warehouse may write its schema
+    shutil.copy(warehouse, copy)
+    report = build_weekly_report(Warehouse(copy), week_of(T1.date() + timedelta(days=3)))
+    assert (report.week_start, report.week_end) == (T1.date(), T1.date() + timedelta(days=6))
+    assert report.missing == []
+    # The week of T1 holds runs a, b and s and the CLI call; run-d (T2) is the next week.
+    spend = {s.workflow: (s.model_usd, s.fees_usd, s.total_usd) for s in report.spend}
+    assert spend == approx({"newsletter": (0.24, 0.0, 0.24), "saas": (0.10, 0.59, 0.69)})
+    assert report.total_usd == pytest.approx(0.93)
+    budgets = {b.budget: (b.limit_usd, b.committed_usd) for b in report.budgets}
+    assert list(budgets) == ["month:2026-11", f"day:{ISSUE_1}:newsletter", f"day:{ISSUE_1}:saas"]
+    assert budgets["month:2026-11"][0] is None  # no monthly ceiling
+    assert budgets["month:2026-11"][1] == pytest.approx(0.885)
+    assert budgets[f"day:{ISSUE_1}:newsletter"] == pytest.approx((2.0, 0.74))
+    assert budgets[f"day:{ISSUE_1}:saas"] == pytest.approx((5.0, 0.10))
+    # Outcomes last worked on this week: issue 1 (0.24) and the ticket (0.68); issue 2 is later.
+    costs = {
+        o.workflow: (o.outcomes, o.total_usd, o.mean_usd, o.shipped) for o in report.outcome_costs
+    }
+    assert costs == approx({"newsletter": (1, 0.24, 0.24, 1), "saas": (1, 0.68, 0.68, 0)})
+    # 105 minutes saved on issue 1, -15 on the ticket: 90 minutes, 1.5 hours.
+    assert {t.workflow: t.net_minutes for t in report.time_saved} == {
+        "newsletter": 105.0,
+        "saas": -15.0,
+    }
+    assert report.net_hours_saved == 1.5
+    assert report.saved_by_week[-1].week_start == T1.date()
+    assert report.saved_by_week[-1].net_hours == 1.5 and len(report.saved_by_week) == 8
+    days = {d.day: d.total_usd for d in report.spend_by_day}
+    assert len(days) == 28 and days[T1.date()] == pytest.approx(0.93)
+    assert {e.step_id for e in report.errors} >= {f"newsletter | {DRAFT}"}
+
+    html = render_report(report)
+    assert "Week of 2026-11-23 to 2026-11-29" in html and "$0.9300" in html
+    assert html.count("<svg") == 3 and "<script" not in html
+    assert "default-src 'none'" in html

@@ -262,7 +262,9 @@ def test_definitions_snapshot(config_path: Path, definitions_module: ModuleType)
     assert sorted(t.job_name for t in sensor.targets) == [
         "apply_fact_change",
         PUBLISH_JOB,
+        "publish_release_notes",
         "refund_customer",
+        "rollback_release",
         "send_support_reply",
     ]
     assert defs.resolve_schedule_def("weekly_newsletter_issue").job_name == "newsletter_issue"

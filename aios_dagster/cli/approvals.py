@@ -1,8 +1,10 @@
-"""`aios approvals`: list, show, approve and reject what waits for the operator."""
+"""`aios approvals`: list, show, approve, reject and edit what waits for the operator."""
 
 from __future__ import annotations
 
 import getpass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,10 +13,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from aios_dagster.approvals import Approval, ApprovalError, ApprovalStatus
+from aios_dagster.approvals import Approval, ApprovalError, ApprovalStatus, deadline_of
 from aios_dagster.cli.launch import failure_messages, launch_approved
 from aios_dagster.cli.session import console, fail, load
 from aios_dagster.kernel import Kernel
+from aios_dagster.web import decisions
 
 app = typer.Typer(help="Review and decide approval requests.", no_args_is_help=True)
 
@@ -104,6 +107,17 @@ def show(approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")
     if isinstance(questions, list) and questions:
         for question in questions:
             console.print(f"  question:      {question}", soft_wrap=True, markup=False)
+    deadline = deadline_of(approval, kernel.config.policy.approval_deadlines)
+    if deadline is not None and approval.status == "pending":
+        console.print(
+            f"  deadline:      {deadline.time_left(datetime.now(UTC))} (then: "
+            f"{deadline.on_expiry}"
+            + (f"; escalated {approval.escalated_at}" if approval.escalated_at else "")
+            + ")",
+            markup=False,
+        )
+    if approval.edited_from:
+        console.print(f"  edited from:   {approval.edited_from}", markup=False)
     if approval.decided_by:
         console.print(
             f"  decided by:    {approval.decided_by} at {approval.decided_at}", markup=False
@@ -211,6 +225,75 @@ def reject(
 ) -> None:
     """Reject the staged payload; nothing will be published from it."""
     _decide(approval_id, approve=False, actor=actor, reason=reason, expected_hash=None)
+
+
+@app.command("edit")
+def edit(
+    approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")],
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file", "-f", help="Your edited Markdown (default: open the draft in $EDITOR)."
+        ),
+    ] = None,
+    note: Annotated[str | None, typer.Option(help="What you changed (kept in the audit).")] = None,
+    publish: Annotated[
+        bool, typer.Option("--publish", help="Run the approved action now, without the daemon.")
+    ] = False,
+    actor: ActorOption = None,
+    expected_hash: Annotated[
+        str | None,
+        typer.Option("--hash", help="Refuse unless the draft you edited still has this hash."),
+    ] = None,
+) -> None:
+    """Edit the draft and approve your version: a new payload with its own hash.
+
+    The original request is superseded, the approval binds to your version only, and the pair
+    (original -> edited) is queued for training.
+    """
+    _, kernel = load()
+    try:
+        approval = kernel.approvals.find(approval_id)
+        payload = kernel.approvals.load_payload(approval)
+    except ApprovalError as exc:
+        raise fail(str(exc)) from None
+    if file is not None:
+        try:
+            markdown = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise fail(f"cannot read {file}: {exc}") from None
+    else:
+        edited = typer.edit(payload.markdown, extension=".md", require_save=True)
+        if edited is None:
+            raise fail("the draft was not saved: nothing was approved")
+        markdown = edited
+    try:
+        edit = decisions.edit_and_approve(
+            kernel,
+            approval.approval_id,
+            markdown,
+            actor=_actor(kernel, actor),
+            expected_hash=expected_hash or approval.payload_hash,
+            note=note,
+        )
+    except ApprovalError as exc:
+        raise fail(str(exc)) from None
+    approved = edit.approved
+    console.print(
+        f"Approved your edit as {approved.approval_id} (hash {approved.payload_hash[:12]}) as "
+        f"{approved.decided_by}; {approval.approval_id} is superseded and the pair "
+        "(original -> edited) was queued for training.",
+        markup=False,
+        soft_wrap=True,
+    )
+    if publish:
+        _publish(kernel, approved.approval_id)
+    else:
+        console.print(
+            "The approvals sensor will run it when the Dagster daemon is up "
+            f"(or run: aios approvals publish {approved.approval_id}).",
+            soft_wrap=True,
+        )
 
 
 @app.command("publish")

@@ -17,6 +17,8 @@ from aios_dagster.cli import breakers as breakers_cli
 from aios_dagster.cli import budget as budget_cli
 from aios_dagster.cli import effects as effects_cli
 from aios_dagster.cli import facts as facts_cli
+from aios_dagster.cli import inbox as inbox_cli
+from aios_dagster.cli import report as report_cli
 from aios_dagster.cli import training as training_cli
 from aios_dagster.cli.launch import code_location, failure_messages, latest_partition, run_job
 from aios_dagster.cli.session import aios_command, console, fail, load, use_config_file
@@ -35,6 +37,8 @@ app.add_typer(effects_cli.app, name="effects")
 app.add_typer(facts_cli.app, name="facts")
 app.add_typer(training_cli.app, name="training")
 app.add_typer(config_app, name="config")
+app.command("inbox")(inbox_cli.inbox)
+app.command("report")(report_cli.report)
 
 ConfigOption = Annotated[
     Path | None,

@@ -26,7 +26,7 @@ import hashlib
 import json
 import uuid
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
 from urllib.parse import quote
@@ -105,6 +105,14 @@ class Deal(BaseModel):
         return _email(value)
 
 
+def plan_from_tags(contact: Contact | None) -> str:
+    """A contact's plan, from its `plan:<name>` tag, lower-cased ('unknown' if none)."""
+    for tag in contact.tags if contact else ():
+        if tag.startswith("plan:") and tag[5:].strip():
+            return tag[5:].strip().lower()
+    return "unknown"
+
+
 class Crm(Connector):
     """What a workflow may do to the CRM; each write acts at most once per idempotency key."""
 
@@ -136,11 +144,11 @@ class Crm(Connector):
 
     def plan_of(self, email: str) -> str:
         """The customer's plan, from the contact's `plan:<name>` tag ('unknown' if none)."""
-        contact = self.find_contact(email)
-        for tag in contact.tags if contact else ():
-            if tag.startswith("plan:") and tag[5:].strip():
-                return tag[5:].strip().lower()
-        return "unknown"
+        return plan_from_tags(self.find_contact(email))
+
+    def plans_of(self, emails: Sequence[str]) -> dict[str, str]:
+        """Plans of many customers by email (one lookup each unless the CRM can do better)."""
+        return {email: self.plan_of(email) for email in emails}
 
 
 def _stable_id(prefix: str, *parts: str) -> str:
@@ -340,6 +348,31 @@ class WarehouseCrm(Crm):
         if row is None:
             return None
         return Contact(email=row[0], name=row[1], company=row[2], tags=tuple(json.loads(row[3])))
+
+    def plans_of(self, emails: Sequence[str]) -> dict[str, str]:
+        """Every customer's plan in one read of the contacts table."""
+        wanted = {_email(e): e for e in emails}
+        plans = dict.fromkeys(emails, "unknown")
+        if not wanted:
+            return plans
+        try:
+            with self.warehouse.connect(read_only=True) as connection:
+                tables = connection.execute(
+                    "SELECT count(*) FROM information_schema.tables"
+                    " WHERE table_schema = 'crm' AND table_name = 'contacts'"
+                ).fetchone()
+                if not tables or not tables[0]:
+                    return plans
+                rows = connection.execute(
+                    "SELECT email, tags FROM crm.contacts WHERE list_contains(?, email)",
+                    [list(wanted)],
+                ).fetchall()
+        except WarehouseBusy as exc:
+            raise OutcomeUnknown(f"crm: cannot read the warehouse now: {exc}") from exc
+        for email, tags in rows:
+            contact = Contact(email=email, tags=tuple(json.loads(tags)))
+            plans[wanted[email]] = plan_from_tags(contact)
+        return plans
 
     def lookup(self, key: str) -> Receipt | None:
         """The write made under `key` (contact, note or deal), None if there was none."""

@@ -13,6 +13,7 @@ from aios_dagster.config import AiosConfig
 from aios_dagster.connectors.base import Connector
 from aios_dagster.connectors.cms_ghost import GhostCms
 from aios_dagster.connectors.crm import WarehouseCrm
+from aios_dagster.connectors.deploy_webhook import DeployWebhook
 from aios_dagster.connectors.email_smtp import SmtpMailer
 from aios_dagster.connectors.payments import PaymentsConnector
 from aios_dagster.connectors.static_site import StaticSitePublisher
@@ -38,6 +39,9 @@ def configured_connectors(config: AiosConfig, warehouse: Warehouse) -> dict[str,
     if config.cms is not None:
         cms = GhostCms(config.cms, admin_key=os.environ.get(config.cms.admin_key_env))
         connectors[cms.name] = cms
+    if config.deploy is not None:
+        deploy = DeployWebhook(config.deploy, token=os.environ.get(config.deploy.token_env))
+        connectors[deploy.name] = deploy
     return connectors
 
 

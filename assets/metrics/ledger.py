@@ -18,7 +18,18 @@ from aios_dagster.metrics.tables import ALL_TABLES
 from assets.metrics.automation import AFTER_WORKFLOW_RUNS
 from assets.newsletter.assets import APPROVAL_REQUEST, PUBLISHED_ISSUE
 from assets.newsletter.roles import DRAFTER, PLANNER
-from assets.support import REFUND, REPLY_REQUESTS, SENT_REPLY
+from assets.support import (
+    PUBLISHED_NOTES,
+    REFUND,
+    RELEASE_NOTES,
+    REPLY_REQUESTS,
+    ROLLBACK,
+    ROLLBACK_PROPOSAL,
+    SENT_REPLY,
+    TRIAGE,
+)
+from assets.support.release_guard import RELEASE_GUARD
+from assets.support.release_writer import RELEASE_WRITER
 from assets.support.roles import TRIAGER
 from resources.kernel import AiosKernel
 
@@ -27,7 +38,7 @@ OWNERS = ["team:operator"]
 
 DECLARED_ROLES: Mapping[str, Sequence[AgentRole[Any, Any]]] = {
     "newsletter": (PLANNER, DRAFTER),
-    "support": (TRIAGER,),
+    "support": (TRIAGER, RELEASE_GUARD, RELEASE_WRITER),
 }
 """Every workflow's agent roles, whose `manual_minutes` the time-saved metric counts. A new
 workflow adds its roles here; a role missing from this list counts 0 minutes per output (the
@@ -36,9 +47,14 @@ workflow adds its roles here; a role missing from this list counts 0 minutes per
 WORKFLOW_WRITES: Sequence[dg.AssetKey] = (
     APPROVAL_REQUEST,
     PUBLISHED_ISSUE,
+    TRIAGE,
     REPLY_REQUESTS,
     SENT_REPLY,
     REFUND,
+    ROLLBACK_PROPOSAL,
+    ROLLBACK,
+    RELEASE_NOTES,
+    PUBLISHED_NOTES,
 )
 """The workflow steps after which the ledger holds something new (approvals, effects, spend):
 the snapshot's upstream, so automation refreshes the numbers after them."""

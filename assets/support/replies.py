@@ -251,6 +251,7 @@ def sent_reply(
     finally:
         kernel.audit.flush()
     kernel.approvals.mark_executed(approval.approval_id, run_id=context.run.run_id)
+    kernel.tickets.mark_answered(ticket)
     return dg.MaterializeResult(
         metadata={
             "to": to,

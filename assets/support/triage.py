@@ -9,6 +9,7 @@ step for the same batch triages the same tickets again without new side effects.
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -18,8 +19,9 @@ from aios_dagster.connectors.base import OutcomeUnknown
 from aios_dagster.connectors.crm import Crm
 from aios_dagster.inbound.message import InboundMessage
 from aios_dagster.kernel import Kernel
+from aios_dagster.support.tickets import Ticket
 from assets.support.inbox import GROUP, MESSAGES, OWNERS, SUPPORT_BATCHES, WORKFLOW, MessageBatch
-from assets.support.known_issues import recall_known_issues, remember_new_issues
+from assets.support.known_issues import recall_known_issues
 from assets.support.models import (
     KnownIssue,
     Triage,
@@ -39,26 +41,27 @@ STEP_RETRIES = dg.RetryPolicy(
 )
 
 
-def _plan(crm: Crm, kernel: Kernel, sender: str, step: StepContext) -> str:
-    """The sender's plan from the CRM; 'unknown' (and an audit note) when it cannot answer."""
+def _plans(crm: Crm, kernel: Kernel, senders: list[str], step: StepContext) -> dict[str, str]:
+    """Every sender's plan from the CRM in one look; 'unknown' (and an audit note) for all when
+    it cannot answer: triage goes on, judging severity without the plan."""
     try:
-        return crm.plan_of(sender)
+        return crm.plans_of(senders)
     except OutcomeUnknown as exc:
         kernel.audit.note(
             step,
             kind="decision",
             actor="agent:triager",
-            subject=f"crm:{sender}",
-            decision="plan unknown",
+            subject="crm:plans",
+            decision="plans unknown",
             reason=str(exc),
         )
-        return "unknown"
+        return {}
 
 
 def triage_message(
     kernel: Kernel,
-    crm: Crm,
     message: InboundMessage,
+    plan: str,
     known: list[KnownIssue],
     step: StepContext,
     product: str,
@@ -69,7 +72,7 @@ def triage_message(
     inputs = TriageInput(
         ticket_id=ticket,
         message=message,
-        plan=_plan(crm, kernel, message.sender, context),
+        plan=plan,
         known_issues=known,
         product=product,
     )
@@ -102,13 +105,44 @@ def triage_batch(
 ) -> TriageBatch:
     """Every message of the batch triaged, in the batch's order."""
     known = recall_known_issues(kernel, batch.messages, step, k=known_issue_matches)
+    plans = _plans(crm, kernel, sorted({m.sender for m in batch.messages}), step)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="triage") as pool:
         futures = [
-            pool.submit(triage_message, kernel, crm, m, known.get(m.item_key, []), step, product)
+            pool.submit(
+                triage_message,
+                kernel,
+                m,
+                plans.get(m.sender, "unknown"),
+                known.get(m.item_key, []),
+                step,
+                product,
+            )
             for m in batch.messages
         ]
         tickets = [future.result() for future in futures]
     return TriageBatch(batch_key=batch.batch_key, tickets=tickets)
+
+
+def _ticket(triaged: TriagedMessage, message: InboundMessage, batch_key: str) -> Ticket:
+    """The ticket a triaged message opens: spam is closed at once (nobody waits for it); the SLA
+    clock starts when the customer sent it (never in the future)."""
+    now = datetime.now(UTC)
+    sent = message.sent_at
+    if sent is not None and sent.tzinfo is None:
+        sent = sent.replace(tzinfo=UTC)
+    return Ticket(
+        ticket_id=triaged.ticket_id,
+        item_key=triaged.item_key,
+        batch_key=batch_key,
+        sender=triaged.sender,
+        subject=triaged.subject,
+        plan=triaged.plan,
+        category=triaged.triage.category,
+        severity=triaged.triage.severity,
+        duplicate_of=triaged.triage.duplicate_of,
+        status="closed" if triaged.triage.category == "spam" else "open",
+        received_at=min(sent, now) if sent is not None else now,
+    )
 
 
 @dg.asset(
@@ -147,8 +181,9 @@ def triage(
             known_issue_matches=settings.known_issue_matches,
             product=settings.product,
         )
-        remembered = remember_new_issues(
-            kernel, result.tickets, {m.item_key: m for m in batch.messages}, step
+        by_key = {m.item_key: m for m in batch.messages}
+        kernel.tickets.record_triage(
+            [_ticket(t, by_key[t.item_key], batch.batch_key) for t in result.tickets]
         )
     except BudgetPaused as exc:
         raise dg.Failure(str(exc), metadata={"paused_by": "budget"}, allow_retries=False) from exc
@@ -166,7 +201,6 @@ def triage(
             **{f"severity {name}": n for name, n in sorted(severities.items())},
             "duplicates": sum(1 for t in result.tickets if t.triage.duplicate_of),
             "refunds asked": sum(1 for t in result.tickets if t.triage.refund_usd),
-            "new known issues": remembered,
             "cost_usd": dg.MetadataValue.float(round(sum(t.cost_usd for t in result.tickets), 6)),
             "mean_confidence": dg.MetadataValue.float(
                 round(sum(confidences) / len(confidences), 4) if confidences else -1.0

@@ -31,6 +31,9 @@ class LocalServer(ThreadingHTTPServer):
     """The stdlib threading server, pointing back at its fake and keeping its errors."""
 
     daemon_threads = True
+    request_queue_size = 256
+    """The listen backlog: the stdlib's 5 resets connections when dozens of clients connect at
+    once, as a triage batch does at 32 concurrent calls; a real provider accepts them."""
     fake: Any
     """The fake that serves (`Any`: each handler reads its own fake's controls)."""
 

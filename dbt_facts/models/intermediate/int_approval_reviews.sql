@@ -4,6 +4,8 @@
 -- `review_minutes_cap` minutes (dbt var, default 15). A decision taken within the cap is taken
 -- to have been reviewed for all of its wait; a longer wait means the operator was away, and
 -- only the cap is counted as their time. Override with --vars '{review_minutes_cap: 30}'.
+-- A decision the policy took (actor 'policy:...', e.g. an expired deadline or an automatic
+-- rollback) cost the operator no time: its review time is 0.
 with decisions as (
     select
         d.decision_id,
@@ -24,5 +26,8 @@ with decisions as (
 
 select
     *,
-    least(latency_minutes, {{ var('review_minutes_cap') }}) as review_minutes
+    case
+        when actor like 'policy:%' then 0.0
+        else least(latency_minutes, {{ var('review_minutes_cap') }})
+    end as review_minutes
 from decisions

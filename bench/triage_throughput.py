@@ -1,0 +1,310 @@
+"""Support triage throughput: 1,000 messages in one batch run beside a plain asyncio bound, and
+the time from a message landing in the inbox to its first model call with the sensor running.
+
+Why: a batch run must not cost much more than the model calls it makes. The bound is a plain
+asyncio loop making the same calls (the same prompts, model and structured output, through the
+openai SDK's async client) at the same concurrency against the same endpoint: the fake OpenAI
+server (tests/fakes) answering every call after `--latency` seconds. The workflow side is the
+real thing: the `customer_messages` sensor tick, then the `support_triage` job in-process on a
+temporary Dagster instance, on the operator config's policy engine (budgets, breakers, retries,
+audit) with `support.triage_concurrency` = `--concurrency`. Its triage step's wall time (from
+the step's start to its success event) is compared with the bound's; the whole run is reported
+too (it also stages one approval per reply).
+
+Then, with `--landing`, the real `dagster-daemon` runs the code location with the sensor polling
+every second: one message is written to the drop folder and the time until the model server
+receives the call that carries it is measured, `--landing` times.
+
+Target (issue 8): the triage step's throughput is at least 0.97x the asyncio bound.
+
+Run (from the repository root):
+
+    /work/venv/bin/python bench/triage_throughput.py [--messages 1000] [--latency 0.2]
+        [--concurrency 32] [--landing 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODEL = "gpt-4o-mini"
+API_KEY = "sk-bench"
+TOPICS = [
+    ("Export fails", "Exporting to CSV gives a 500 error since this morning."),
+    ("Refund please", "I was charged twice this month, please refund the second charge."),
+    ("Dark mode", "Could you add a dark mode? It would be lovely."),
+    ("Love it", "Thank you, the new dashboard is brilliant."),
+    ("Cannot log in", "Nobody on my team can log in since the update."),
+]
+
+
+def _triage_answer(request: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "category": "bug",
+        "severity": "P3",
+        "duplicate_of": None,
+        "refund_usd": None,
+        "reply": "Hi,\n\nThank you for writing. We are looking into it.",
+        "rationale": "bench",
+    }
+
+
+def _write_messages(folder: Path, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(count):
+        subject, body = rng.choice(TOPICS)
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"bench-{seed}-{index}",
+                    "from": f"customer{index}@example.com",
+                    "subject": subject,
+                    "body": f"{body} (message {index})",
+                }
+            )
+        )
+    (folder / f"batch-{seed}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _config(root: Path, base_url: str, concurrency: int, poll_seconds: int = 30) -> Path:
+    data = {
+        "state_dir": "state",
+        "llm": {
+            "endpoint": {
+                "base_url": base_url,
+                "api_key_env": "AIOS_BENCH_KEY",
+                "timeout_seconds": 30,
+            },
+            "tiers": {"draft": {"model": MODEL}, "verify": {"model": MODEL}},
+            "roles": {"triager": "draft"},
+        },
+        "policy": {
+            "budgets": {"run_usd": 1000.0, "workflow_day_usd": 1000.0, "month_usd": 10000.0},
+            "roles": {"triager": {"verify": False}},
+        },
+        "support": {
+            "inbox": {
+                "drop_folders": ["drop"],
+                "poll_seconds": poll_seconds,
+                "batch_max_messages": 5000,
+            },
+            "triage_concurrency": concurrency,
+        },
+    }
+    path = root / "aios.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def run_workflow(root: Path, base_url: str, concurrency: int) -> tuple[float, float, int]:
+    """Sensor tick + the support_triage job in-process; (triage step s, run s, messages)."""
+    import dagster as dg
+
+    import definitions
+    from resources import build_resources
+
+    defs: dg.Definitions = definitions.defs
+    config = root / "aios.yaml"
+    with dg.instance_for_test() as instance:
+        resources = build_resources(config)
+        with dg.build_sensor_context(
+            instance=instance,
+            instance_ref=instance.get_ref(),
+            resources={"aios": resources["aios"]},
+            definitions=defs,
+        ) as context:
+            data = defs.resolve_sensor_def("customer_messages").evaluate_tick(context)
+        [request] = data.run_requests or []
+        instance.add_dynamic_partitions("support_batches", [request.partition_key or ""])
+        started = time.perf_counter()
+        result = defs.resolve_job_def("support_triage").execute_in_process(
+            instance=instance, partition_key=request.partition_key, tags=request.tags
+        )
+        run_seconds = time.perf_counter() - started
+        assert result.success
+        events = {
+            (e.step_key, e.dagster_event.event_type_value): e.timestamp
+            for e in instance.all_logs(result.run_id)
+            if e.step_key == "support__triage" and e.dagster_event is not None
+        }
+        step = (
+            events[("support__triage", "STEP_SUCCESS")] - events[("support__triage", "STEP_START")]
+        )
+        tickets = len(result.output_for_node("support__triage").tickets)
+    return step, run_seconds, tickets
+
+
+def run_bound(root: Path, base_url: str, concurrency: int) -> float:
+    """The same calls from a plain asyncio loop (AsyncOpenAI, a semaphore); wall seconds."""
+    from openai import AsyncOpenAI
+
+    from aios_dagster.inbound.drop_folder import parse_drop_line
+    from assets.support.models import Triage, TriageInput, ticket_id_for
+    from assets.support.prompts import triager_prompt
+
+    lines = [
+        line
+        for path in sorted((root / "drop").glob("*.jsonl"))
+        for line in path.read_bytes().splitlines()
+        if line.strip()
+    ]
+    prompts = []
+    for line in lines:
+        message = parse_drop_line(line, origin="bench", max_bytes=10**7)
+        inputs = TriageInput(
+            ticket_id=ticket_id_for(message.item_key), message=message, plan="unknown"
+        )
+        prompts.append(triager_prompt(inputs))
+
+    async def main() -> float:
+        client = AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(prompt: Any) -> None:
+            async with gate:
+                await client.chat.completions.parse(
+                    model=MODEL,
+                    messages=[
+                        {"role": "system", "content": prompt.system},
+                        {"role": "user", "content": prompt.user},
+                    ],
+                    response_format=Triage,
+                    max_completion_tokens=1500,
+                )
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in prompts))
+        elapsed = time.perf_counter() - started
+        await client.close()
+        return elapsed
+
+    return asyncio.run(main())
+
+
+def measure_landing(root: Path, server: Any, times: int) -> list[float]:
+    """Seconds from a message written to the drop folder to its model call, daemon running."""
+    home = root / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {
+        **os.environ,
+        "AIOS_CONFIG": str(root / "aios.yaml"),
+        "DAGSTER_HOME": str(home),
+        "AIOS_BENCH_KEY": API_KEY,
+        "PYTHONWARNINGS": "ignore",
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+    }
+    log = (root / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-f", "definitions.py"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    results: list[float] = []
+    try:
+        for attempt in range(times + 1):  # the first one includes the daemon's own start
+            marker = f"landing-probe-{attempt}-{time.time_ns()}"
+            path = root / "drop" / f"{marker}.jsonl"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps({"id": marker, "from": "probe@example.com", "body": marker}) + "\n"
+            )
+            landed = time.monotonic()
+            tmp.rename(path)
+            deadline = landed + 180
+            while time.monotonic() < deadline:
+                hit = [
+                    r.received_at
+                    for r in server.completions
+                    if r.body and marker in json.dumps(r.body)
+                ]
+                if hit:
+                    if attempt > 0:
+                        results.append(hit[0] - landed)
+                    break
+                time.sleep(0.05)
+            else:
+                raise TimeoutError(f"no model call for {marker}; see {root / 'daemon.log'}")
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=60)
+        log.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--landing", type=int, default=3, help="landing probes (0: skip)")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+
+    from tests.fakes.openai_server import FakeOpenAIServer, ScriptedResponder
+
+    os.environ["AIOS_BENCH_KEY"] = API_KEY
+    os.environ.setdefault("DAGSTER_HOME", tempfile.mkdtemp(prefix="aios-bench-home-"))
+    responder = ScriptedResponder({"Triage": _triage_answer})
+    with (
+        tempfile.TemporaryDirectory(prefix="aios-bench-") as tmp,
+        FakeOpenAIServer(responder, latency=args.latency, api_key=API_KEY) as server,
+    ):
+        root = Path(tmp)
+        _write_messages(root / "drop", args.messages, args.seed)
+        _config(root, server.base_url, args.concurrency)
+        os.environ["AIOS_CONFIG"] = str(root / "aios.yaml")
+
+        bound = run_bound(root, server.base_url, args.concurrency)
+        calls_bound = len(server.completions)
+        step, run_seconds, tickets = run_workflow(root, server.base_url, args.concurrency)
+        calls_workflow = len(server.completions) - calls_bound
+        ideal = args.messages / args.concurrency * args.latency
+        print(
+            f"messages {args.messages}, latency {args.latency * 1000:.0f} ms,"
+            f" concurrency {args.concurrency}"
+        )
+        print(f"  ideal (messages / concurrency x latency):  {ideal:7.2f} s")
+        print(f"  asyncio bound, same calls ({calls_bound} calls):  {bound:7.2f} s")
+        print(f"  workflow triage step ({calls_workflow} calls):    {step:7.2f} s")
+        print(f"  workflow run (incl. staging {tickets} approvals): {run_seconds:7.2f} s")
+        ratio = bound / step
+        verdict = "PASS" if ratio >= 0.97 else "FAIL"
+        print(f"  triage throughput vs bound: {ratio:.3f}x (target >= 0.97: {verdict})")
+
+        if args.landing:
+            _config(root, server.base_url, args.concurrency, poll_seconds=1)
+            landings = measure_landing(root, server, args.landing)
+            print(
+                f"landing -> first model call, sensor polling every 1 s, daemon running: "
+                f"median {statistics.median(landings):.2f} s, max {max(landings):.2f} s "
+                f"over {len(landings)} messages"
+            )
+
+
+if __name__ == "__main__":
+    main()
