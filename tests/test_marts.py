@@ -41,6 +41,7 @@ from aios_dagster.metrics.report_html import render_report
 from aios_dagster.metrics.tables import SnapshotTable
 from aios_dagster.policy.budgets import Budgets
 from aios_dagster.warehouse import Warehouse
+from aios_dagster.web.dashboard import dashboard
 from assets.metrics import ledger as ledger_assets
 from assets.metrics.assets import WAREHOUSE_ENV_VAR, dbt_facts
 from assets.newsletter.roles import DRAFTER, PLANNER
@@ -799,3 +800,22 @@ def test_the_weekly_report_reads_the_week_from_the_marts_and_renders(
     assert "Week of 2026-11-23 to 2026-11-29" in html and "$0.9300" in html
     assert html.count("<svg") == 3 and "<script" not in html
     assert "default-src 'none'" in html
+
+
+def test_the_inbox_dashboard_charts_the_real_marts(warehouse: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "warehouse.duckdb"
+    shutil.copy(warehouse, copy)
+    panels = {panel.mart: panel for panel in dashboard(Warehouse(copy))}
+    assert set(panels) == {"budget_burn", "cost_per_outcome", "error_rate_by_step", "time_saved"}
+    assert all(p.chart is not None and p.empty is None for p in panels.values()), panels
+    outcomes = panels["cost_per_outcome"].chart
+    assert outcomes is not None
+    bars = {bar.label: bar.text for bar in outcomes.bars}
+    # The figures worked out above: the ticket 0.68, issue 1 0.24 (carried out), issue 2 0.045.
+    assert bars[f"saas/{TICKET}"].startswith("$0.6800")
+    assert bars[f"newsletter/{ISSUE_1}"] == "$0.2400"
+    assert bars[f"newsletter/{ISSUE_2}"] == "$0.0450 (not shipped)"
+    saved = panels["time_saved"].chart
+    assert saved is not None
+    flagged = {bar.label for bar in saved.bars if bar.flagged}
+    assert flagged == {f"saas/{TICKET}"}  # the only outcome that cost more time than it saved

@@ -236,6 +236,12 @@ def test_replaying_the_same_inbound_batch_three_times_yields_one_run_per_item(
         ).all()
     assert len(per_item) == UNIQUE + 1
     assert {count for _, count in per_item} == {1}
+    # The runs triaged: one ticket per message, none triaged twice.
+    with kernel.ledger.transaction() as connection:
+        tickets = connection.execute(
+            sa.text("SELECT COUNT(*), COUNT(DISTINCT item_key) FROM support_tickets")
+        ).one()
+    assert tuple(tickets) == (UNIQUE + 1, UNIQUE + 1)
     print(
         f"replay: {UNIQUE + 1} messages delivered up to 4 times -> {len(runs)} runs,"
         f" every message in exactly 1 run"
