@@ -1,14 +1,14 @@
 """Crash campaign: effects happen once, whatever moment a worker is SIGKILLed.
 
-For each connector (static site, SMTP, payments, CMS, the HTTP CRM and the warehouse CRM) a worker
-running a batch of effects through `IntentLog.execute` is SIGKILLed at every named crash point
-(before the intent, after the intent, after the provider committed, before the outcome is recorded)
-for 5 seeds, and at at least 100 seeded random moments. Then the step is retried as a new run (half
-the time after the `reconcile_stuck` pass the ``stuck_effects`` sensor runs). Afterwards the
-provider holds exactly one effect per item (0 duplicates) and the ledger every item succeeded (0
-lost, no intent left in flight). SMTP cannot be asked: an email whose worker died mid-effect goes
-to the operator (``needs_operator``), who checks the mail log (here: the recording server) and
-resolves it; it is never resent automatically.
+For each connector (static site, SMTP, payments, CMS) a worker running a batch of effects through
+`IntentLog.execute` is SIGKILLed at every named crash point (before the intent, after the intent,
+after the provider committed, before the outcome is recorded) for 5 seeds, and at at least 100
+seeded random moments. Then the step is retried as a new run (half the time after the
+`reconcile_stuck` pass the ``stuck_effects`` sensor runs). Afterwards the provider holds exactly
+one effect per item (0 duplicates) and the ledger every item succeeded (0 lost, no intent left
+in flight). SMTP cannot be asked: an email whose worker died mid-effect goes to the operator
+(``needs_operator``), who checks the mail log (here: the recording server) and resolves it; it is
+never resent automatically.
 
 Workers are forked from the test process (no interpreter start per kill); the fake providers run
 in threads of the test process, and every retry first waits until the provider has finished with
@@ -46,7 +46,7 @@ from aios_dagster.audit import AuditLog, StepContext
 from aios_dagster.config import SmtpSettings
 from aios_dagster.connectors.base import Connector, ConnectorError, EffectRequest, Receipt
 from aios_dagster.connectors.cms_ghost import CmsPost, GhostCms, GhostCmsSettings, key_tag
-from aios_dagster.connectors.crm import Contact, CrmHttpSettings, HttpCrm, Note, WarehouseCrm
+from aios_dagster.connectors.crm import Contact, CrmHttpSettings, HttpCrm, Note
 from aios_dagster.connectors.email_smtp import OutgoingEmail, SmtpMailer, message_id_for
 from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator, IntentLog
 from aios_dagster.connectors.payments import (
@@ -391,58 +391,8 @@ class CrmProvider(Provider):
         return len(self.server.notes)
 
 
-class WarehouseCrmProvider(Provider):
-    """The default CRM, tables in the facts warehouse: a worker killed inside its DuckDB
-    transaction leaves a WAL that the next process replays or discards, and the retry finds the
-    note by its key (`lookup`) or writes it."""
-
-    name = "crm"  # the connector's own name: it names the crash points
-    CONTACT = "reader@example.org"
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.path = root / "warehouse.duckdb"
-
-    def connector(self, trial: int) -> Connector:
-        return WarehouseCrm(Warehouse(self.path))
-
-    def perform(self, connector: Connector, item: EffectRequest) -> Callable[[str], Receipt]:
-        assert isinstance(connector, WarehouseCrm)
-        return lambda key: connector.add_note(
-            key, Note(contact_email=self.CONTACT, body=f"reply to {item.item_key}")
-        )
-
-    def _notes(self) -> list[tuple[str, str]]:
-        if not self.path.exists():
-            return []
-        with Warehouse(self.path).connect(read_only=True) as connection:
-            tables = connection.execute(
-                "SELECT count(*) FROM information_schema.tables"
-                " WHERE table_schema = 'crm' AND table_name = 'notes'"
-            ).fetchone()
-            if not tables or not tables[0]:
-                return []
-            rows = connection.execute("SELECT effect_key, body FROM crm.notes").fetchall()
-        return [(str(key), str(body)) for key, body in rows]
-
-    def effects(self, keys: dict[int, list[str]]) -> dict[str, int]:
-        counts = Counter(key for key, _ in self._notes())
-        return {key: counts[key] for group in keys.values() for key in group}
-
-    def total_effects(self) -> int:
-        return len(self._notes())
-
-
 PROVIDERS: dict[str, type[Provider]] = {
-    p.name: p
-    for p in (
-        SiteProvider,
-        SmtpProvider,
-        PaymentsProvider,
-        CmsProvider,
-        CrmProvider,
-        WarehouseCrmProvider,
-    )
+    p.name: p for p in (SiteProvider, SmtpProvider, PaymentsProvider, CmsProvider, CrmProvider)
 }
 
 
