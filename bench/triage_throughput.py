@@ -3,7 +3,10 @@ the time from a message landing in the inbox to its first model call with the se
 
 Why: a batch run must not cost much more than the model calls it makes. The bound is a plain
 asyncio loop making the same calls (the same prompts, model and structured output, through the
-openai SDK's async client) at the same concurrency against the same endpoint: the fake OpenAI
+openai SDK's async client) at the same concurrency against the same endpoint, measured twice:
+with `chat.completions.parse()` and, as the gateway does, with the schema built once and the
+reply validated by pydantic (the same HTTP requests; on a small machine the SDK's CPU per call
+decides the wall time at 32 calls in flight): the fake OpenAI
 server (tests/fakes) answering every call after `--latency` seconds. The workflow side is the
 real thing: the `customer_messages` sensor tick, then the `support_triage` job in-process on a
 temporary Dagster instance, on the operator config's policy engine (budgets, breakers, retries,
@@ -153,10 +156,15 @@ def run_workflow(root: Path, base_url: str, concurrency: int) -> tuple[float, fl
     return step, run_seconds, tickets
 
 
-def run_bound(root: Path, base_url: str, concurrency: int) -> float:
-    """The same calls from a plain asyncio loop (AsyncOpenAI, a semaphore); wall seconds."""
+def run_bound(root: Path, base_url: str, concurrency: int, *, lean: bool = False) -> float:
+    """The same calls from a plain asyncio loop (AsyncOpenAI, a semaphore); wall seconds.
+
+    `lean`: instead of `chat.completions.parse()`, send the schema built once and validate the
+    reply with pydantic, as the gateway does (the same HTTP requests, less client CPU).
+    """
     from openai import AsyncOpenAI
 
+    from aios_dagster.gateway.client import response_format_for
     from aios_dagster.inbound.drop_folder import parse_drop_line
     from assets.support.models import Triage, TriageInput, ticket_id_for
     from assets.support.prompts import triager_prompt
@@ -180,16 +188,26 @@ def run_bound(root: Path, base_url: str, concurrency: int) -> float:
         gate = asyncio.Semaphore(concurrency)
 
         async def one(prompt: Any) -> None:
+            messages: Any = [
+                {"role": "system", "content": prompt.system},
+                {"role": "user", "content": prompt.user},
+            ]
             async with gate:
-                await client.chat.completions.parse(
-                    model=MODEL,
-                    messages=[
-                        {"role": "system", "content": prompt.system},
-                        {"role": "user", "content": prompt.user},
-                    ],
-                    response_format=Triage,
-                    max_completion_tokens=1500,
-                )
+                if lean:
+                    reply = await client.chat.completions.create(
+                        model=MODEL,
+                        messages=messages,
+                        response_format=response_format_for(Triage),
+                        max_tokens=1500,
+                    )
+                    Triage.model_validate_json(reply.choices[0].message.content or "")
+                else:
+                    await client.chat.completions.parse(
+                        model=MODEL,
+                        messages=messages,
+                        response_format=Triage,
+                        max_tokens=1500,
+                    )
 
         started = time.perf_counter()
         await asyncio.gather(*(one(p) for p in prompts))
@@ -280,21 +298,24 @@ def main() -> None:
         os.environ["AIOS_CONFIG"] = str(root / "aios.yaml")
 
         bound = run_bound(root, server.base_url, args.concurrency)
-        calls_bound = len(server.completions)
+        lean = run_bound(root, server.base_url, args.concurrency, lean=True)
+        calls_bound = len(server.completions) // 2
         step, run_seconds, tickets = run_workflow(root, server.base_url, args.concurrency)
-        calls_workflow = len(server.completions) - calls_bound
+        calls_workflow = len(server.completions) - 2 * calls_bound
         ideal = args.messages / args.concurrency * args.latency
         print(
             f"messages {args.messages}, latency {args.latency * 1000:.0f} ms,"
             f" concurrency {args.concurrency}"
         )
         print(f"  ideal (messages / concurrency x latency):  {ideal:7.2f} s")
-        print(f"  asyncio bound, same calls ({calls_bound} calls):  {bound:7.2f} s")
+        print(f"  asyncio bound, .parse() ({calls_bound} calls):     {bound:7.2f} s")
+        print(f"  asyncio bound, schema built once, same requests: {lean:7.2f} s")
         print(f"  workflow triage step ({calls_workflow} calls):    {step:7.2f} s")
         print(f"  workflow run (incl. staging {tickets} approvals): {run_seconds:7.2f} s")
-        ratio = bound / step
-        verdict = "PASS" if ratio >= 0.97 else "FAIL"
-        print(f"  triage throughput vs bound: {ratio:.3f}x (target >= 0.97: {verdict})")
+        for name, value in ((".parse()", bound), ("schema built once", lean)):
+            ratio = value / step
+            verdict = "PASS" if ratio >= 0.97 else "FAIL"
+            print(f"  triage throughput vs the {name} bound: {ratio:.3f}x (>= 0.97: {verdict})")
 
         if args.landing:
             _config(root, server.base_url, args.concurrency, poll_seconds=1)

@@ -28,6 +28,7 @@ from aios_dagster.agents import AgentRole
 from aios_dagster.audit import REDACTED, StepContext
 from aios_dagster.config import ConfigError, ModelTier, load_config
 from aios_dagster.gateway import LLMCallFailed, LLMOutputInvalid, Prompt, UnpricedModel
+from aios_dagster.gateway.client import response_format_for
 from aios_dagster.kernel import Kernel
 from assets.newsletter.models import Draft, Outline
 from tests.conftest import write_config
@@ -498,6 +499,16 @@ def test_output_that_does_not_fit_the_schema_is_invalid(
     assert row["cost_usd"] == pytest.approx(failure.value.cost_usd)
 
 
+def test_the_strict_schema_is_built_once_per_output_model() -> None:
+    """What `.parse()` would send, cached: the same object for every call of a model."""
+    first = response_format_for(Verdict)
+    assert first is response_format_for(Verdict)
+    assert first["type"] == "json_schema"
+    schema = first["json_schema"]
+    assert schema["name"] == "Verdict" and schema["strict"] is True
+    assert schema["schema"]["additionalProperties"] is False
+
+
 def test_a_refusal_is_invalid_output(server: FakeOpenAIServer, llm_kernel: KernelFactory) -> None:
     kernel = llm_kernel()
     server.fail_next(Fault.refusal("I can't label this message."))
@@ -513,7 +524,7 @@ def test_output_cut_at_max_tokens_is_invalid(
     kernel = llm_kernel(max_output_tokens=16)
     server.responder = _reply_with({**GOOD, "note": "a long explanation " * 20})
 
-    with pytest.raises(LLMOutputInvalid):
+    with pytest.raises(LLMOutputInvalid, match="the reply was cut off at max_tokens"):
         _complete(kernel)
 
     [request] = server.completions
