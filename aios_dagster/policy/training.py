@@ -50,7 +50,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
-from aios_dagster.approvals import Approval, StagedPayload
+from aios_dagster.approvals import Approval, EditedApproval, StagedPayload
 from aios_dagster.audit import AuditLog, Redactor, StepContext, new_id
 from aios_dagster.gateway.client import Prompt
 from aios_dagster.ledger import Ledger, utc_now
@@ -194,6 +194,23 @@ def _payload_prompt(payload: StagedPayload) -> Prompt | None:
     return None
 
 
+def _payload_prompt_or_stand_in(payload: StagedPayload) -> Prompt:
+    """The prompt recorded with the payload, else a tagged stand-in naming what was asked."""
+    return _payload_prompt(payload) or Prompt(
+        system=(
+            f"{UNRECORDED_PROMPT_TAG} Write the {payload.workflow} '{payload.action}'"
+            " payload described by the user message."
+        ),
+        user=f"{payload.title}\n\n{payload.summary}",
+    )
+
+
+def _example_id_for_edit(approved_id: str) -> str:
+    # Deterministic: a repeated edit hook (or a replay) queues the pair once.
+    digest = hashlib.sha256(f"operator_edit:{approved_id}".encode()).hexdigest()
+    return f"ex_{digest[:32]}"
+
+
 def _payload_role(payload: StagedPayload) -> str:
     # The newsletter payload says who made it as {"drafter": <tier>, "drafter_model": <model>}.
     role = payload.metadata.get("role")
@@ -311,13 +328,7 @@ class TrainingQueue:
         """
         role = role or _payload_role(payload)
         if prompt is None:
-            prompt = _payload_prompt(payload) or Prompt(
-                system=(
-                    f"{UNRECORDED_PROMPT_TAG} Write the {approval.workflow} '{approval.action}'"
-                    " payload described by the user message."
-                ),
-                user=f"{payload.title}\n\n{payload.summary}",
-            )
+            prompt = _payload_prompt_or_stand_in(payload)
         detail = (
             f"rejected by {approval.decided_by or 'the operator'}: "
             f"{approval.decision_reason or 'no reason given'} "
@@ -336,6 +347,35 @@ class TrainingQueue:
             model=_payload_model(payload, role),
             run_id=approval.requested_by_run,
         )
+
+    def record_edit(self, edit: EditedApproval) -> str:
+        """Queue the operator's edit as a corrected example: the original Markdown is the
+        output the model should not have written, the edited Markdown the one it should have.
+
+        The ApprovalDesk calls this (its `on_edit` hook) after the edited version is approved.
+        Idempotent per approved edit; returns the example id.
+        """
+        original, payload = edit.original, edit.original_payload
+        role = _payload_role(payload)
+        example_id = self._insert(
+            example_id=_example_id_for_edit(edit.approved.approval_id),
+            workflow=original.workflow,
+            partition_key=original.partition_key,
+            step="approval",
+            role=role,
+            reason="operator_edit",
+            detail=(
+                f"edited by {edit.approved.decided_by or 'the operator'}: payload "
+                f"{original.payload_hash[:12]} -> {edit.approved.payload_hash[:12]} (approval "
+                f"{original.approval_id} -> {edit.approved.approval_id})"
+            ),
+            prompt=_payload_prompt_or_stand_in(payload),
+            bad_output=payload.markdown,
+            model=_payload_model(payload, role),
+            run_id=original.requested_by_run,
+        )
+        self.record_correction(example_id, edit.edited_payload.markdown)
+        return example_id
 
     def record_approval(self, approval: Approval, payload: StagedPayload) -> list[str]:
         """Attach an approved payload as the correction of the same work's earlier rejections.
