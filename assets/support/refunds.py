@@ -8,13 +8,10 @@ intent log, so a retried or re-run step refunds once.
 
 import dagster as dg
 
-from aios_dagster.approvals import APPROVAL_TAG, NotAuthorized
-from aios_dagster.audit import StepContext
-from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown
-from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
+from aios_dagster.connectors.base import EffectRequest
 from aios_dagster.connectors.payments import PaymentsConnector, RefundRequest
 from aios_dagster.connectors.registry import close_all, configured_connectors
-from aios_dagster.policy.breakers import BreakerOpen
+from assets.support.approved import approved_payload, effect_or_failure, step_context
 from assets.support.inbox import GROUP, OWNERS, WORKFLOW
 from assets.support.replies import REFUND_JOB, REPLY_REQUESTS, SUPPORT_TICKETS
 from resources.kernel import AiosKernel
@@ -36,33 +33,8 @@ def refund(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Materializ
     """Refund what the operator approved for this ticket."""
     kernel = aios.kernel()
     ticket = context.partition_key
-    step = StepContext(
-        workflow=WORKFLOW,
-        step=REFUND.to_user_string(),
-        partition_key=ticket,
-        run_id=context.run.run_id,
-    )
-    approval_id = context.run.tags.get(APPROVAL_TAG)
-    if approval_id is None:
-        current = kernel.approvals.current(WORKFLOW, ticket, "refund")
-        if current is None or current.status != "approved":
-            raise dg.Failure(f"ticket {ticket} has no approved refund", allow_retries=False)
-        approval_id = current.approval_id
-    try:
-        approval, payload = kernel.approvals.authorize(approval_id, partition_key=ticket)
-    except NotAuthorized as exc:
-        kernel.audit.note(
-            step,
-            kind="decision",
-            actor="agent:support",
-            subject=f"approval:{approval_id}",
-            decision="refused",
-            reason=str(exc),
-        )
-        kernel.audit.flush()
-        raise dg.Failure(f"not refunding on ticket {ticket}: {exc}", allow_retries=False) from None
-    if approval.action != "refund":
-        raise dg.Failure(f"approval {approval_id} is for a {approval.action}, not a refund")
+    step = step_context(context, WORKFLOW, REFUND)
+    approval, payload = approved_payload(context, kernel, step, "refund")
     connectors = configured_connectors(aios.operator_config(), kernel.warehouse)
     try:
         payments = connectors.get("payments")
@@ -83,25 +55,15 @@ def refund(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Materializ
             target=charge.provider_id or customer,
             payload_hash=approval.payload_hash,
         )
-        outcome = kernel.intents.execute(
-            payments,
-            request,
-            lambda key: payments.refund(
-                key, RefundRequest(payment_intent=charge.provider_id or "", amount=amount)
-            ),
-            step,
-        )
-    except (
-        BreakerOpen,
-        EffectFailed,
-        OutcomeUnknown,
-        EffectInProgress,
-        EffectNeedsOperator,
-    ) as exc:
-        raise dg.Failure(
-            f"the refund on ticket {ticket} was not made: {type(exc).__name__}: {exc}",
-            allow_retries=False,
-        ) from exc
+        with effect_or_failure(f"the refund on ticket {ticket}"):
+            outcome = kernel.intents.execute(
+                payments,
+                request,
+                lambda key: payments.refund(
+                    key, RefundRequest(payment_intent=charge.provider_id or "", amount=amount)
+                ),
+                step,
+            )
     finally:
         close_all(connectors)
         kernel.audit.flush()

@@ -13,17 +13,16 @@ import dagster as dg
 from pydantic import BaseModel
 
 from aios_dagster.agents import BudgetPaused
-from aios_dagster.approvals import APPROVAL_TAG, ApprovalCost, NotAuthorized, StagedPayload
+from aios_dagster.approvals import ApprovalCost, StagedPayload
 from aios_dagster.audit import StepContext
 from aios_dagster.config import AiosConfig
-from aios_dagster.connectors.base import Connector, EffectFailed, EffectRequest, OutcomeUnknown
+from aios_dagster.connectors.base import Connector, EffectRequest
 from aios_dagster.connectors.changelog import ChangelogFile
 from aios_dagster.connectors.cms_ghost import CmsPost, GhostCms
-from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
 from aios_dagster.connectors.registry import close_all, configured_connectors
-from aios_dagster.policy.breakers import BreakerOpen
 from aios_dagster.support.git_log import GitError, commits_between, tags
 from assets.newsletter.render import markdown_to_safe_html
+from assets.support.approved import approved_payload, effect_or_failure, step_context
 from assets.support.inbox import GROUP, OWNERS, WORKFLOW
 from assets.support.release_writer import RELEASE_WRITER, ReleaseInput, ReleaseNotes
 from resources.kernel import AiosKernel
@@ -182,22 +181,8 @@ def published_release_notes(
     kernel = aios.kernel()
     config = aios.operator_config()
     tag = context.partition_key
-    approval_id = context.run.tags.get(APPROVAL_TAG)
-    if approval_id is None:
-        current = kernel.approvals.current(WORKFLOW, tag, "publish_release_notes")
-        if current is None or current.status != "approved":
-            raise dg.Failure(f"release {tag} has no approved notes", allow_retries=False)
-        approval_id = current.approval_id
-    try:
-        approval, payload = kernel.approvals.authorize(approval_id, partition_key=tag)
-    except NotAuthorized as exc:
-        raise dg.Failure(f"not publishing the notes of {tag}: {exc}", allow_retries=False) from None
-    step = StepContext(
-        workflow=WORKFLOW,
-        step=PUBLISHED_NOTES.to_user_string(),
-        partition_key=tag,
-        run_id=context.run.run_id,
-    )
+    step = step_context(context, WORKFLOW, PUBLISHED_NOTES)
+    approval, payload = approved_payload(context, kernel, step, "publish_release_notes")
     connectors = configured_connectors(config, kernel.warehouse)
     try:
         target = _target(config, connectors)
@@ -208,26 +193,16 @@ def published_release_notes(
             target=str(getattr(target, "path", "cms")),
             payload_hash=approval.payload_hash,
         )
-        if isinstance(target, GhostCms):
-            post = CmsPost(title=payload.title, html=payload.html, tags=["release-notes"])
-            outcome = kernel.intents.execute(
-                target, request, lambda key: target.publish(key, post), step
-            )
-        else:
-            outcome = kernel.intents.execute(
-                target, request, lambda key: target.add_section(key, payload.markdown), step
-            )
-    except (
-        BreakerOpen,
-        EffectFailed,
-        OutcomeUnknown,
-        EffectInProgress,
-        EffectNeedsOperator,
-    ) as exc:
-        raise dg.Failure(
-            f"the notes of {tag} were not published: {type(exc).__name__}: {exc}",
-            allow_retries=False,
-        ) from exc
+        with effect_or_failure(f"publishing the notes of {tag}"):
+            if isinstance(target, GhostCms):
+                post = CmsPost(title=payload.title, html=payload.html, tags=["release-notes"])
+                outcome = kernel.intents.execute(
+                    target, request, lambda key: target.publish(key, post), step
+                )
+            else:
+                outcome = kernel.intents.execute(
+                    target, request, lambda key: target.add_section(key, payload.markdown), step
+                )
     finally:
         close_all(connectors)
         kernel.audit.flush()

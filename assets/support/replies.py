@@ -11,17 +11,13 @@ import dagster as dg
 from pydantic import BaseModel
 
 from aios_dagster.approvals import (
-    APPROVAL_TAG,
     ApprovalCost,
-    NotAuthorized,
     StagedPayload,
 )
-from aios_dagster.audit import StepContext
-from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown
+from aios_dagster.connectors.base import EffectRequest
 from aios_dagster.connectors.email_smtp import OutgoingEmail
-from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
-from aios_dagster.policy.breakers import BreakerOpen
 from assets.newsletter.render import markdown_to_safe_html
+from assets.support.approved import approved_payload, effect_or_failure, step_context
 from assets.support.inbox import GROUP, OWNERS, SUPPORT_BATCHES, WORKFLOW
 from assets.support.models import TriageBatch, TriagedMessage
 from assets.support.triage import TRIAGE
@@ -168,15 +164,6 @@ def reply_requests(
     )
 
 
-def _step(context: dg.AssetExecutionContext) -> StepContext:
-    return StepContext(
-        workflow=WORKFLOW,
-        step=SENT_REPLY.to_user_string(),
-        partition_key=context.partition_key,
-        run_id=context.run.run_id,
-    )
-
-
 @dg.asset(
     key=SENT_REPLY,
     deps=[REPLY_REQUESTS],
@@ -193,25 +180,8 @@ def sent_reply(
     """Send the approved reply of this ticket."""
     kernel = aios.kernel()
     ticket = context.partition_key
-    approval_id = context.run.tags.get(APPROVAL_TAG)
-    if approval_id is None:
-        current = kernel.approvals.current(WORKFLOW, ticket, "reply")
-        if current is None or current.status != "approved":
-            raise dg.Failure(f"ticket {ticket} has no approved reply", allow_retries=False)
-        approval_id = current.approval_id
-    try:
-        approval, payload = kernel.approvals.authorize(approval_id, partition_key=ticket)
-    except NotAuthorized as exc:
-        kernel.audit.note(
-            _step(context),
-            kind="decision",
-            actor="agent:support",
-            subject=f"approval:{approval_id}",
-            decision="refused",
-            reason=str(exc),
-        )
-        kernel.audit.flush()
-        raise dg.Failure(f"not replying on ticket {ticket}: {exc}", allow_retries=False) from None
+    step = step_context(context, WORKFLOW, SENT_REPLY)
+    approval, payload = approved_payload(context, kernel, step, "reply")
     smtp = mailer.mailer()
     if smtp is None:
         raise dg.Failure(
@@ -234,20 +204,8 @@ def sent_reply(
         payload_hash=approval.payload_hash,
     )
     try:
-        outcome = kernel.intents.execute(
-            smtp, request, lambda key: smtp.send(key, email), _step(context)
-        )
-    except (
-        BreakerOpen,
-        EffectFailed,
-        OutcomeUnknown,
-        EffectInProgress,
-        EffectNeedsOperator,
-    ) as exc:
-        raise dg.Failure(
-            f"the reply on ticket {ticket} was not sent: {type(exc).__name__}: {exc}",
-            allow_retries=False,
-        ) from exc
+        with effect_or_failure(f"the reply on ticket {ticket}"):
+            outcome = kernel.intents.execute(smtp, request, lambda key: smtp.send(key, email), step)
     finally:
         kernel.audit.flush()
     kernel.approvals.mark_executed(approval.approval_id, run_id=context.run.run_id)

@@ -10,16 +10,15 @@ import dagster as dg
 from pydantic import BaseModel
 
 from aios_dagster.agents import BudgetPaused
-from aios_dagster.approvals import APPROVAL_TAG, ApprovalCost, NotAuthorized, StagedPayload
+from aios_dagster.approvals import ApprovalCost, StagedPayload
 from aios_dagster.audit import StepContext
-from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown
+from aios_dagster.connectors.base import EffectRequest
 from aios_dagster.connectors.deploy_webhook import DeployWebhook, RollbackRequest
-from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
 from aios_dagster.connectors.registry import close_all, configured_connectors
 from aios_dagster.kernel import Kernel
-from aios_dagster.policy.breakers import BreakerOpen
 from aios_dagster.support.telemetry import TelemetryError, TelemetryPoint, read_telemetry
 from assets.newsletter.render import markdown_to_safe_html
+from assets.support.approved import approved_payload, effect_or_failure, step_context
 from assets.support.inbox import GROUP, OWNERS, WORKFLOW
 from assets.support.incidents import INCIDENT, SUPPORT_INCIDENTS, Incident
 from assets.support.release_guard import (
@@ -221,24 +220,8 @@ def rollback(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Material
     """Run the approved rollback of this incident."""
     kernel = aios.kernel()
     incident_key = context.partition_key
-    step = StepContext(
-        workflow=WORKFLOW,
-        step=ROLLBACK.to_user_string(),
-        partition_key=incident_key,
-        run_id=context.run.run_id,
-    )
-    approval_id = context.run.tags.get(APPROVAL_TAG)
-    if approval_id is None:
-        current = kernel.approvals.current(WORKFLOW, incident_key, "rollback")
-        if current is None or current.status != "approved":
-            raise dg.Failure(
-                f"incident {incident_key} has no approved rollback", allow_retries=False
-            )
-        approval_id = current.approval_id
-    try:
-        approval, payload = kernel.approvals.authorize(approval_id, partition_key=incident_key)
-    except NotAuthorized as exc:
-        raise dg.Failure(f"not rolling back: {exc}", allow_retries=False) from None
+    step = step_context(context, WORKFLOW, ROLLBACK)
+    approval, payload = approved_payload(context, kernel, step, "rollback")
     connectors = configured_connectors(aios.operator_config(), kernel.warehouse)
     try:
         deploy = connectors.get("deploy")
@@ -259,20 +242,10 @@ def rollback(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Material
             target=request.release,
             payload_hash=approval.payload_hash,
         )
-        outcome = kernel.intents.execute(
-            deploy, effect, lambda key: deploy.rollback(key, request), step
-        )
-    except (
-        BreakerOpen,
-        EffectFailed,
-        OutcomeUnknown,
-        EffectInProgress,
-        EffectNeedsOperator,
-    ) as exc:
-        raise dg.Failure(
-            f"the rollback of {incident_key} was not requested: {type(exc).__name__}: {exc}",
-            allow_retries=False,
-        ) from exc
+        with effect_or_failure(f"the rollback of {incident_key}"):
+            outcome = kernel.intents.execute(
+                deploy, effect, lambda key: deploy.rollback(key, request), step
+            )
     finally:
         close_all(connectors)
         kernel.audit.flush()
