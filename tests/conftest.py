@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import secrets
 
 # Tests run beside each other and beside subprocesses on two cores: a BLAS pool per process
 # oversubscribes them (a 6 ms embedding took 130 ms under contention). Set before numpy loads.
@@ -177,3 +178,51 @@ def definitions_module(config_path: Path) -> Iterator[ModuleType]:
     yield loaded
     # The next importer must not get Definitions bound to this test's (deleted) config.
     sys.modules.pop("definitions", None)
+
+
+PG_HOST = os.environ.get("AIOS_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("AIOS_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("AIOS_TEST_PG_USER", "postgres")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh Postgres database, dropped afterwards (its sessions ended first). Without a
+    server the test is skipped with the reason printed, or fails when CI=true."""
+    import psycopg2  # type: ignore[import-untyped]
+
+    try:
+        admin = psycopg2.connect(
+            host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5
+        )
+    except psycopg2.OperationalError as exc:
+        reason = f"PostgreSQL is not reachable at {PG_USER}@{PG_HOST}:{PG_PORT}: {exc}".strip()
+        if IN_CI:
+            pytest.fail(f"{reason} (CI must provide it for the postgres tests)")
+        print(f"SKIPPING a postgres test: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    admin.autocommit = True
+    name = f"aios_test_{secrets.token_hex(6)}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
+
+
+@pytest.fixture
+def pg_ledger(pg_url: str) -> Iterator[Ledger]:
+    """A ledger in a fresh Postgres database."""
+    built = Ledger(pg_url)
+    try:
+        yield built
+    finally:
+        built.dispose()

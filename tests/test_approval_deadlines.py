@@ -8,8 +8,6 @@ that keeps every message, so "sent once" is counted at the server, not assumed.
 from __future__ import annotations
 
 import email
-import os
-import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ from aios_dagster.kernel import Kernel
 from aios_dagster.ledger import Ledger
 from resources import build_resources
 from sensors.deadlines import approval_deadlines_sensor, enforce_deadlines
-from tests.conftest import IN_CI, ISSUE, NO_COST, free_port, write_config
+from tests.conftest import ISSUE, NO_COST, free_port, write_config
 
 OPERATOR = "operator@example.com"
 ONE_ATTEMPT = {"max_attempts": 1, "max_seconds": 5, "initial_wait_seconds": 0}
@@ -318,43 +316,6 @@ def test_the_sensor_is_part_of_the_code_location(definitions_module: ModuleType)
 
 
 # --- the same ledger SQL on Postgres --------------------------------------------------------
-
-PG_HOST = os.environ.get("AIOS_TEST_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("AIOS_TEST_PG_PORT", "5432"))
-PG_USER = os.environ.get("AIOS_TEST_PG_USER", "postgres")
-
-
-@pytest.fixture
-def pg_ledger() -> Iterator[Ledger]:
-    """A ledger in a fresh Postgres database, dropped afterwards."""
-    import psycopg2  # type: ignore[import-untyped]
-
-    try:
-        admin = psycopg2.connect(
-            host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5
-        )
-    except psycopg2.OperationalError as exc:
-        reason = f"PostgreSQL is not reachable at {PG_USER}@{PG_HOST}:{PG_PORT}: {exc}".strip()
-        if IN_CI:
-            pytest.fail(f"{reason} (CI must provide it for the postgres tests)")
-        pytest.skip(reason)
-    admin.autocommit = True
-    name = f"aios_deadlines_{secrets.token_hex(6)}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    ledger = Ledger(f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}")
-    try:
-        yield ledger
-    finally:
-        ledger.dispose()
-        with admin.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
 
 
 @pytest.mark.postgres

@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import queue
-import secrets
 import signal
 import subprocess
 import sys
@@ -41,14 +40,11 @@ from aios_dagster.policy.budgets import (
     micros_nearest,
     micros_up,
 )
-from tests.conftest import IN_CI, REPO, python_bin
+from tests.conftest import REPO, python_bin
 from tests.polling import wait_until
 
 NOW = datetime(2026, 11, 26, 15, 30, tzinfo=UTC)
 WF = "newsletter"
-PG_HOST = os.environ.get("AIOS_TEST_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("AIOS_TEST_PG_PORT", "5432"))
-PG_USER = os.environ.get("AIOS_TEST_PG_USER", "postgres")
 
 # One child script for every test that needs another process: `hold` reserves and then waits
 # (alive, holding the reservation) until it is killed or its stdin closes; `race` starts N threads
@@ -253,38 +249,6 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
     yield built
     assert_totals_consistent(built)
     built.dispose()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh Postgres database for the ledger, dropped afterwards."""
-    import psycopg2  # type: ignore[import-untyped]
-
-    try:
-        admin = psycopg2.connect(
-            host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5
-        )
-    except psycopg2.OperationalError as exc:
-        reason = f"PostgreSQL is not reachable at {PG_USER}@{PG_HOST}:{PG_PORT}: {exc}".strip()
-        if IN_CI:
-            pytest.fail(f"{reason} (CI must provide it for the postgres tests)")
-        print(f"SKIPPING postgres budget tests: {reason}", file=sys.stderr)
-        pytest.skip(reason)
-    admin.autocommit = True
-    name = f"aios_budget_{secrets.token_hex(6)}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
 
 
 # -- arithmetic -----------------------------------------------------------------------------------

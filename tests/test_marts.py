@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
-import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from assets.metrics.assets import WAREHOUSE_ENV_VAR, dbt_facts
 from assets.newsletter.roles import DRAFTER, PLANNER
 from resources.dbt import dbt_facts_project, dbt_resource
 from resources.kernel import AiosKernel
-from tests.conftest import IN_CI, write_config
+from tests.conftest import write_config
 
 MINI, BIG = "gpt-4o-mini", "gpt-4o"
 T1 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)  # the first issue's week, and the ticket
@@ -638,39 +637,6 @@ def test_the_snapshot_replaces_the_previous_copy_all_or_nothing_and_redacts(
     assert copied() == first
 
 
-@pytest.fixture
-def pg_ledger() -> Iterator[Ledger]:
-    """A ledger in a fresh Postgres database, dropped afterwards (skipped, or failed in CI, when
-    the server is not reachable, as the other postgres tests do)."""
-    import psycopg2  # type: ignore[import-untyped]
-
-    host = os.environ.get("AIOS_TEST_PG_HOST", "127.0.0.1")
-    port = int(os.environ.get("AIOS_TEST_PG_PORT", "5432"))
-    user = os.environ.get("AIOS_TEST_PG_USER", "postgres")
-    try:
-        admin = psycopg2.connect(
-            host=host, port=port, user=user, dbname="postgres", connect_timeout=5
-        )
-    except psycopg2.OperationalError as exc:
-        reason = f"PostgreSQL is not reachable at {user}@{host}:{port}: {exc}".strip()
-        if IN_CI:
-            pytest.fail(f"{reason} (CI must provide it for the postgres tests)")
-        pytest.skip(reason)
-    admin.autocommit = True
-    name = f"aios_marts_{secrets.token_hex(6)}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    built = Ledger(f"postgresql+psycopg2://{user}@{host}:{port}/{name}")
-    try:
-        yield built
-    finally:
-        built.dispose()
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
-@pytest.mark.postgres
 def test_the_snapshot_reads_a_postgres_ledger_at_one_point_in_time(
     pg_ledger: Ledger, tmp_path: Path
 ) -> None:

@@ -487,13 +487,13 @@ class HttpCrm(Crm):
     ) -> None:
         """`token` is the secret read by the caller from ``settings.token_env``."""
         self.settings = settings
-        self._token = token
         self._api = KeyedHttpApi(
             label="crm",
             base_url=settings.base_url,
             timeout_seconds=settings.timeout_seconds,
             should_retry_header="Crm-Should-Retry",
-            user_agent="aios-dagster-crm/1",
+            token=token,
+            token_env=settings.token_env,
             transport=transport,
         )
 
@@ -516,9 +516,7 @@ class HttpCrm(Crm):
 
     def find_contact(self, email: str) -> Contact | None:
         """``GET /v1/contacts/{email}``: the contact, None on 404."""
-        found = self._api.get_json(
-            f"/v1/contacts/{quote(_email(email))}", self._headers(), missing_is_none=True
-        )
+        found = self._api.get_json(f"/v1/contacts/{quote(_email(email))}", missing_is_none=True)
         if found is None:
             return None
         return Contact(
@@ -530,7 +528,7 @@ class HttpCrm(Crm):
 
     def lookup(self, key: str) -> Receipt | None:
         """``GET /v1/effects/{key}``: what the provider committed under `key`, None on 404."""
-        found = self._api.get_json(f"/v1/effects/{key}", self._headers(), missing_is_none=True)
+        found = self._api.get_json(f"/v1/effects/{key}", missing_is_none=True)
         if found is None:
             return None
         return _http_receipt(str(found.get("kind")), found.get("object") or {})
@@ -538,19 +536,14 @@ class HttpCrm(Crm):
     def health(self) -> HealthReport:
         """``GET /v1/account``: the token works and the CRM answers, nothing is acted on."""
         try:
-            self._api.get_json("/v1/account", self._headers())
+            self._api.get_json("/v1/account")
         except (EffectFailed, OutcomeUnknown) as exc:
             return HealthReport(connector=self.name, healthy=False, detail=str(exc))
         return HealthReport(connector=self.name, healthy=True, detail=self.settings.base_url)
 
-    def _headers(self) -> dict[str, str]:
-        if not self._token:
-            raise EffectFailed(f"crm: ${self.settings.token_env} is empty")
-        return {"Authorization": f"Bearer {self._token}"}
-
     def _post(self, path: str, payload: dict[str, Any], key: str) -> dict[str, Any]:
         try:
-            response = self._api.post(path, key, self._headers(), json=payload)
+            response = self._api.post(path, key, json=payload)
         except ProviderBusy as exc:
             raise CrmBusy(str(exc), retry_after=exc.retry_after) from exc
         body = response.json()

@@ -64,13 +64,13 @@ class DeployWebhook(Connector):
     ) -> None:
         """`token` is the secret read by the caller from ``settings.token_env``."""
         self.settings = settings
-        self._token = token
         self._api = KeyedHttpApi(
             label="deploy",
             base_url=settings.base_url,
             timeout_seconds=settings.timeout_seconds,
             should_retry_header="Deploy-Should-Retry",
-            user_agent="aios-dagster-deploy/1",
+            token=token,
+            token_env=settings.token_env,
             transport=transport,
         )
 
@@ -80,9 +80,7 @@ class DeployWebhook(Connector):
 
     def rollback(self, key: str, request: RollbackRequest) -> Receipt:
         """Start the rollback under `key` (answered from the first result when repeated)."""
-        response = self._api.post(
-            "/v1/rollbacks", key, self._headers(), json=request.model_dump(mode="json")
-        )
+        response = self._api.post("/v1/rollbacks", key, json=request.model_dump(mode="json"))
         body = response.json()
         if not isinstance(body, dict) or "id" not in body:
             raise OutcomeUnknown(f"deploy: {response.status_code} answer without an id")
@@ -91,19 +89,15 @@ class DeployWebhook(Connector):
     def lookup(self, key: str) -> Receipt | None:
         """The rollback started under `key`, None if there was none."""
         found = self._api.get_json(
-            f"/v1/rollbacks/by-key/{quote(key, safe='')}", self._headers(), missing_is_none=True
+            f"/v1/rollbacks/by-key/{quote(key, safe='')}",
+            missing_is_none=True,
         )
         return None if found is None else _receipt(found, replayed=True)
 
     def health(self) -> HealthReport:
         """``GET /v1/health``: the token works and the hook answers; nothing is rolled back."""
         try:
-            self._api.get_json("/v1/health", self._headers())
+            self._api.get_json("/v1/health")
         except (EffectFailed, OutcomeUnknown) as exc:
             return HealthReport(connector=self.name, healthy=False, detail=str(exc))
         return HealthReport(connector=self.name, healthy=True, detail=self.settings.base_url)
-
-    def _headers(self) -> dict[str, str]:
-        if not self._token:
-            raise EffectFailed(f"deploy: ${self.settings.token_env} is empty")
-        return {"Authorization": f"Bearer {self._token}"}

@@ -52,28 +52,41 @@ class KeyedHttpApi:
         base_url: str,
         timeout_seconds: float,
         should_retry_header: str,
-        user_agent: str,
+        token: str | None,
+        token_env: str,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        """`label` starts every error message ("payments", "crm")."""
+        """`label` starts every error message ("payments", "crm") and names the User-Agent;
+        `token` is the Bearer secret the caller read from the environment variable
+        `token_env` (named, never shown, when it is empty)."""
         self.label = label
         self.base_url = base_url
+        self._token = token
+        self._token_env = token_env
         self.should_retry_header = should_retry_header
         self.client = httpx.Client(
             base_url=base_url,
             timeout=httpx.Timeout(timeout_seconds),
             transport=transport,
-            headers={"User-Agent": user_agent},
+            headers={"User-Agent": f"aios-dagster-{label}/1"},
         )
+
+    def auth_headers(self) -> dict[str, str]:
+        """The Bearer header; an empty secret fails the effect before anything is sent."""
+        if not self._token:
+            raise EffectFailed(f"{self.label}: ${self._token_env} is empty")
+        return {"Authorization": f"Bearer {self._token}"}
 
     def close(self) -> None:
         """Release pooled connections."""
         self.client.close()
 
-    def post(self, path: str, key: str, headers: dict[str, str], **body: Any) -> httpx.Response:
+    def post(self, path: str, key: str, **body: Any) -> httpx.Response:
         """POST under `key`; a 2xx with a JSON body, or the failure mapped to what it means."""
         try:
-            response = self.client.post(path, headers={**headers, "Idempotency-Key": key}, **body)
+            response = self.client.post(
+                path, headers={**self.auth_headers(), "Idempotency-Key": key}, **body
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # The request never left: nothing can have been committed.
             raise EffectFailed(
@@ -102,7 +115,6 @@ class KeyedHttpApi:
     def get_json(
         self,
         path: str,
-        headers: dict[str, str],
         params: list[tuple[str, str]] | None = None,
         *,
         missing_is_none: bool = False,
@@ -110,7 +122,7 @@ class KeyedHttpApi:
         """A lookup; it acts on nothing, so a failure to answer is an unknown, never a 'no'."""
         try:
             response = self.client.get(
-                path, params=tuple(params) if params else None, headers=headers
+                path, params=tuple(params) if params else None, headers=self.auth_headers()
             )
         except httpx.TransportError as exc:
             raise OutcomeUnknown(f"{self.label}: GET {path} failed: {exc}") from exc

@@ -96,13 +96,13 @@ class PaymentsConnector(Connector):
     ) -> None:
         """`api_key` is the secret read by the caller from ``settings.api_key_env``."""
         self.settings = settings
-        self._api_key = api_key
         self._api = KeyedHttpApi(
             label="payments",
             base_url=settings.base_url,
             timeout_seconds=settings.timeout_seconds,
             should_retry_header="Stripe-Should-Retry",
-            user_agent="aios-dagster-payments/1",
+            token=api_key,
+            token_env=settings.api_key_env,
             transport=transport,
         )
 
@@ -221,16 +221,11 @@ class PaymentsConnector(Connector):
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
-        if not self._api_key:
-            raise EffectFailed(f"payments: ${self.settings.api_key_env} is empty")
-        return {"Authorization": f"Bearer {self._api_key}"}
-
     def _post(self, path: str, form: list[tuple[str, str]], key: str) -> httpx.Response:
-        return self._api.post(path, key, self._headers(), data=_multi(form))
+        return self._api.post(path, key, data=_multi(form))
 
     def _get(self, path: str, params: list[tuple[str, str]]) -> dict[str, Any]:
-        found = self._api.get_json(path, self._headers(), params)
+        found = self._api.get_json(path, params)
         assert found is not None  # only a lookup that allows it answers None for a 404
         return found
 

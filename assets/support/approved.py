@@ -8,15 +8,20 @@ request is approved). The step acts only on the exact payload that approval name
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import dagster as dg
 
 from aios_dagster.approvals import APPROVAL_TAG, Approval, NotAuthorized, StagedPayload
 from aios_dagster.audit import StepContext
-from aios_dagster.connectors.base import EffectFailed, OutcomeUnknown
+from aios_dagster.config import AiosConfig
+from aios_dagster.connectors.base import Connector, EffectFailed, OutcomeUnknown
 from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
+from aios_dagster.connectors.registry import close_all, configured_connectors
 from aios_dagster.kernel import Kernel
 from aios_dagster.policy.breakers import BreakerOpen
+
+ConnectorT = TypeVar("ConnectorT", bound=Connector)
 
 EFFECT_NOT_DONE = (BreakerOpen, EffectFailed, OutcomeUnknown, EffectInProgress, EffectNeedsOperator)
 """What the intent log raises when an effect did not (or may not) happen this time."""
@@ -63,6 +68,34 @@ def approved_payload(
             allow_retries=False,
         )
     return approval, payload
+
+
+@contextmanager
+def configured_connector(
+    config: AiosConfig, kernel: Kernel, name: str, kind: type[ConnectorT], doing: str
+) -> Iterator[ConnectorT]:
+    """The operator's configured connector `name` for the body, every connector closed after;
+    a dg.Failure (never retried) naming the missing config section when it is not set up."""
+    connectors = configured_connectors(config, kernel.warehouse)
+    try:
+        connector = connectors.get(name)
+        if not isinstance(connector, kind):
+            raise dg.Failure(
+                f"no `{name}` section in the operator config: {doing} cannot be done",
+                allow_retries=False,
+            )
+        yield connector
+    finally:
+        close_all(connectors)
+
+
+@contextmanager
+def flushed(kernel: Kernel) -> Iterator[None]:
+    """The body, then the audit written to the warehouse whatever happened in it."""
+    try:
+        yield
+    finally:
+        kernel.audit.flush()
 
 
 @contextmanager

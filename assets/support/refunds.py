@@ -10,8 +10,13 @@ import dagster as dg
 
 from aios_dagster.connectors.base import EffectRequest
 from aios_dagster.connectors.payments import PaymentsConnector, RefundRequest
-from aios_dagster.connectors.registry import close_all, configured_connectors
-from assets.support.approved import approved_payload, effect_or_failure, step_context
+from assets.support.approved import (
+    approved_payload,
+    configured_connector,
+    effect_or_failure,
+    flushed,
+    step_context,
+)
 from assets.support.inbox import GROUP, OWNERS, WORKFLOW
 from assets.support.replies import REFUND_JOB, REPLY_REQUESTS, SUPPORT_TICKETS
 from resources.kernel import AiosKernel
@@ -35,14 +40,12 @@ def refund(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Materializ
     ticket = context.partition_key
     step = step_context(context, WORKFLOW, REFUND)
     approval, payload = approved_payload(context, kernel, step, "refund")
-    connectors = configured_connectors(aios.operator_config(), kernel.warehouse)
-    try:
-        payments = connectors.get("payments")
-        if not isinstance(payments, PaymentsConnector):
-            raise dg.Failure(
-                "no `payments` section in the operator config: the refund cannot be made",
-                allow_retries=False,
-            )
+    with (
+        configured_connector(
+            aios.operator_config(), kernel, "payments", PaymentsConnector, "the refund"
+        ) as payments,
+        flushed(kernel),
+    ):
         customer = str(payload.metadata["customer_email"])
         amount = int(payload.metadata["amount_cents"])
         charge = payments.latest_payment_of(customer)
@@ -64,9 +67,6 @@ def refund(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Materializ
                 ),
                 step,
             )
-    finally:
-        close_all(connectors)
-        kernel.audit.flush()
     kernel.approvals.mark_executed(approval.approval_id, run_id=context.run.run_id)
     return dg.MaterializeResult(
         metadata={

@@ -14,11 +14,16 @@ from aios_dagster.approvals import ApprovalCost, StagedPayload
 from aios_dagster.audit import StepContext
 from aios_dagster.connectors.base import EffectRequest
 from aios_dagster.connectors.deploy_webhook import DeployWebhook, RollbackRequest
-from aios_dagster.connectors.registry import close_all, configured_connectors
 from aios_dagster.kernel import Kernel
 from aios_dagster.support.telemetry import TelemetryError, TelemetryPoint, read_telemetry
 from assets.newsletter.render import markdown_to_safe_html
-from assets.support.approved import approved_payload, effect_or_failure, step_context
+from assets.support.approved import (
+    approved_payload,
+    configured_connector,
+    effect_or_failure,
+    flushed,
+    step_context,
+)
 from assets.support.inbox import GROUP, OWNERS, WORKFLOW
 from assets.support.incidents import INCIDENT, SUPPORT_INCIDENTS, Incident
 from assets.support.release_guard import (
@@ -222,14 +227,12 @@ def rollback(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Material
     incident_key = context.partition_key
     step = step_context(context, WORKFLOW, ROLLBACK)
     approval, payload = approved_payload(context, kernel, step, "rollback")
-    connectors = configured_connectors(aios.operator_config(), kernel.warehouse)
-    try:
-        deploy = connectors.get("deploy")
-        if not isinstance(deploy, DeployWebhook):
-            raise dg.Failure(
-                "no `deploy` section in the operator config: the rollback cannot be requested",
-                allow_retries=False,
-            )
+    with (
+        configured_connector(
+            aios.operator_config(), kernel, "deploy", DeployWebhook, "the rollback"
+        ) as deploy,
+        flushed(kernel),
+    ):
         request = RollbackRequest(
             release=str(payload.metadata["release"]),
             to_release=str(payload.metadata["to_release"]),
@@ -246,9 +249,6 @@ def rollback(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Material
             outcome = kernel.intents.execute(
                 deploy, effect, lambda key: deploy.rollback(key, request), step
             )
-    finally:
-        close_all(connectors)
-        kernel.audit.flush()
     kernel.approvals.mark_executed(approval.approval_id, run_id=context.run.run_id)
     return dg.MaterializeResult(
         metadata={
