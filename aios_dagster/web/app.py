@@ -31,6 +31,7 @@ from aios_dagster.approvals import (
     editable,
 )
 from aios_dagster.kernel import Kernel
+from aios_dagster.safe_html import markdown_to_safe_html
 from aios_dagster.warehouse import Warehouse
 from aios_dagster.web import decisions
 from aios_dagster.web.auth import (
@@ -47,7 +48,6 @@ from aios_dagster.web.diffing import VersionDiff, diff_drafts
 from aios_dagster.web.evidence import gather
 from aios_dagster.web.forms import FormRefused, read_form
 from aios_dagster.web.headers import SecurityHeaders
-from aios_dagster.web.sanitize import markdown_to_safe_html
 from aios_dagster.web.settings import InboxSettings
 
 WAREHOUSE_WAIT_SECONDS = 3.0

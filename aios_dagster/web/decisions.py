@@ -12,7 +12,7 @@ import getpass
 
 from aios_dagster.approvals import Approval, EditedApproval
 from aios_dagster.kernel import Kernel
-from aios_dagster.web.sanitize import first_heading, markdown_to_safe_html
+from aios_dagster.safe_html import first_heading, markdown_to_safe_html
 
 
 def operator_actor(kernel: Kernel, channel: str, given: str | None = None) -> str:

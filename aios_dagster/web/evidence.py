@@ -15,9 +15,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from aios_dagster.approvals import Approval, StagedPayload
+from aios_dagster.safe_html import safe_link
 from aios_dagster.warehouse import Warehouse
 from aios_dagster.web.reads import read
-from aios_dagster.web.sanitize import safe_link
 
 
 class SourceRef(BaseModel):

@@ -12,33 +12,16 @@ import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-import nh3
 from markdown_it import MarkdownIt
 
+from aios_dagster.safe_html import markdown_to_safe_html as markdown_to_safe_html
+from aios_dagster.safe_html import plain_text
 from assets.newsletter.models import CitedFact, Draft
 
 SOURCES = "Sources"
 FROM_US = "From us"
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
 _md = MarkdownIt("commonmark", {"html": False})
-ALLOWED_TAGS = {
-    "a",
-    "blockquote",
-    "br",
-    "code",
-    "em",
-    "h1",
-    "h2",
-    "h3",
-    "h4",
-    "hr",
-    "li",
-    "ol",
-    "p",
-    "pre",
-    "strong",
-    "ul",
-}
 
 
 def escape_markdown(text: str) -> str:
@@ -96,23 +79,9 @@ def issue_markdown(draft: Draft, *, issue_date: str, facts: Sequence[CitedFact] 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def markdown_to_safe_html(markdown: str) -> str:
-    """HTML for the site and the email, with anything that could run or load stripped."""
-    raw = _md.render(markdown)
-    return nh3.clean(
-        raw,
-        tags=ALLOWED_TAGS,
-        attributes={"a": {"href", "title"}},
-        url_schemes={"http", "https", "mailto"},
-        link_rel="noopener noreferrer nofollow",
-        strip_comments=True,
-    )
-
-
 def word_count(markdown: str) -> int:
     """Words a reader reads (markup excluded)."""
-    text = nh3.clean(_md.render(markdown), tags=set())
-    return len(re.findall(r"\w[\w'’-]*", text))
+    return len(re.findall(r"\w[\w'’-]*", plain_text(markdown)))
 
 
 def markdown_links(markdown: str) -> list[str]:

@@ -20,8 +20,8 @@ from aios_dagster.connectors.base import Connector, EffectRequest
 from aios_dagster.connectors.changelog import ChangelogFile
 from aios_dagster.connectors.cms_ghost import CmsPost, GhostCms
 from aios_dagster.connectors.registry import close_all, configured_connectors
+from aios_dagster.safe_html import markdown_to_safe_html
 from aios_dagster.support.git_log import GitError, commits_between, tags
-from assets.newsletter.render import markdown_to_safe_html
 from assets.support.approved import approved_payload, effect_or_failure, step_context
 from assets.support.inbox import GROUP, OWNERS, WORKFLOW
 from assets.support.release_writer import RELEASE_WRITER, ReleaseInput, ReleaseNotes

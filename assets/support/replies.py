@@ -16,7 +16,7 @@ from aios_dagster.approvals import (
 )
 from aios_dagster.connectors.base import EffectRequest
 from aios_dagster.connectors.email_smtp import OutgoingEmail
-from assets.newsletter.render import markdown_to_safe_html
+from aios_dagster.safe_html import markdown_to_safe_html
 from assets.support.approved import approved_payload, effect_or_failure, step_context
 from assets.support.inbox import GROUP, OWNERS, SUPPORT_BATCHES, WORKFLOW
 from assets.support.models import TriageBatch, TriagedMessage

@@ -15,8 +15,8 @@ from aios_dagster.audit import StepContext
 from aios_dagster.connectors.base import EffectRequest
 from aios_dagster.connectors.deploy_webhook import DeployWebhook, RollbackRequest
 from aios_dagster.kernel import Kernel
+from aios_dagster.safe_html import markdown_to_safe_html
 from aios_dagster.support.telemetry import TelemetryError, TelemetryPoint, read_telemetry
-from assets.newsletter.render import markdown_to_safe_html
 from assets.support.approved import (
     approved_payload,
     configured_connector,

@@ -1,9 +1,11 @@
-"""Markdown to HTML that cannot run or load anything: the only way a draft reaches a page.
+"""Markdown to HTML that cannot run or load anything: the only way a draft reaches a page, the
+site, an email or the inbox.
 
 Why: a draft is made from feed items, emails and model output, all untrusted. Raw HTML in the
 Markdown is rendered as text (markdown-it with `html` off), and the result is cleaned by nh3 to an
 allowlist: no scripts, no event handlers, no images or other remote loads, links only to http(s)
-and mailto (opened with no referrer). The inbox's Content-Security-Policy is a second line.
+and mailto (opened with no referrer). The inbox's Content-Security-Policy is a second line. One
+renderer for every workflow and screen, so what the operator approves renders as what is published.
 """
 
 from __future__ import annotations
