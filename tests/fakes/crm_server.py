@@ -38,40 +38,21 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
 from urllib.parse import unquote, urlsplit
 
-from tests.fakes.local_server import LocalHTTPFake, TrackedHandler
+from tests.fakes.local_server import KeyedRequest, LocalHTTPFake, ProviderFault, TrackedHandler
 
 JSONObject: TypeAlias = dict[str, Any]
 """A decoded JSON object."""
 
-CrmFaultKind = Literal["rate_limit", "error_before_commit", "drop"]
 STAGES = ("lead", "qualified", "won", "lost")
 
 
-@dataclass(frozen=True)
-class CrmFault:
-    """One way a POST fails. Build them with the class methods."""
-
-    kind: CrmFaultKind
-    retry_after: float = 0.001
-
-    @classmethod
-    def rate_limited(cls, retry_after: float = 0.001) -> CrmFault:
-        """429 with ``Retry-After``, before anything executes."""
-        return cls(kind="rate_limit", retry_after=retry_after)
-
-    @classmethod
-    def error_before_commit(cls) -> CrmFault:
-        """500 with ``Crm-Should-Retry: true``: nothing committed, the key is released."""
-        return cls(kind="error_before_commit")
-
-    @classmethod
-    def drop_after_commit(cls) -> CrmFault:
-        """The write commits (its answer is stored), then the connection is reset unanswered."""
-        return cls(kind="drop")
+class CrmFault(ProviderFault):
+    """One way a POST to the CRM fails: rate limited, a 500 with ``Crm-Should-Retry: true``
+    before the commit, or the connection dropped after it."""
 
 
 @dataclass
-class RecordedCrmRequest:
+class RecordedCrmRequest(KeyedRequest):
     """One request the server received and what it answered."""
 
     method: str
@@ -82,16 +63,6 @@ class RecordedCrmRequest:
     status: int | None = None
     """HTTP status answered; None when the connection was dropped."""
     replayed: bool = False
-
-    @property
-    def idempotency_key(self) -> str | None:
-        """The ``Idempotency-Key`` header as sent."""
-        return self.headers.get("idempotency-key")
-
-    @property
-    def authorization(self) -> str | None:
-        """The Authorization header as sent."""
-        return self.headers.get("authorization")
 
 
 def _error(code: str, message: str) -> JSONObject:

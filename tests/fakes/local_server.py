@@ -17,9 +17,10 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from tests.polling import wait_until
 
@@ -157,3 +158,46 @@ class LocalHTTPFake:
     def _untrack(self, connection: socket.socket) -> None:
         with self._lock:
             self._connections.discard(connection)
+
+
+FaultKind = Literal["rate_limit", "error_before_commit", "error_after_commit", "drop"]
+
+
+@dataclass(frozen=True)
+class ProviderFault:
+    """One way a POST to a provider with idempotency keys fails; build it with the class
+    methods (each fake says which kinds it serves)."""
+
+    kind: FaultKind
+    retry_after: float = 0.001
+
+    @classmethod
+    def rate_limited(cls, retry_after: float = 0.001) -> Self:
+        """429 with ``Retry-After``, before anything executes (nothing stored)."""
+        return cls(kind="rate_limit", retry_after=retry_after)
+
+    @classmethod
+    def error_before_commit(cls) -> Self:
+        """500 with the provider's should-retry header: nothing committed, the key released."""
+        return cls(kind="error_before_commit")
+
+    @classmethod
+    def drop_after_commit(cls) -> Self:
+        """The write commits (its answer is stored), then the connection is reset unanswered."""
+        return cls(kind="drop")
+
+
+class KeyedRequest:
+    """What a recorded request says about its key and credentials (its headers, lower-cased)."""
+
+    headers: dict[str, str]
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The ``Idempotency-Key`` header as sent."""
+        return self.headers.get("idempotency-key")
+
+    @property
+    def authorization(self) -> str | None:
+        """The Authorization header as sent."""
+        return self.headers.get("authorization")

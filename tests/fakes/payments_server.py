@@ -55,47 +55,28 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeAlias
 from urllib.parse import parse_qsl, urlsplit
 
-from tests.fakes.local_server import LocalHTTPFake, TrackedHandler
+from tests.fakes.local_server import KeyedRequest, LocalHTTPFake, ProviderFault, TrackedHandler
 
 JSONObject: TypeAlias = dict[str, Any]
 """A decoded JSON object."""
 
-PaymentFaultKind = Literal["rate_limit", "error_before_commit", "error_after_commit", "drop"]
 
 DECLINED_PAYMENT_METHOD = "pm_card_chargeDeclined"
 _SEARCH_CLAUSE = re.compile(r"""^metadata\[['"]([^'"]+)['"]\]:['"]([^'"]*)['"]$""")
 
 
-@dataclass(frozen=True)
-class PaymentFault:
-    """One way a POST fails. Build them with the class methods."""
-
-    kind: PaymentFaultKind
-    retry_after: float = 1.0
-
-    @classmethod
-    def rate_limited(cls, retry_after: float = 1.0) -> PaymentFault:
-        """429 ``rate_limit`` with ``Retry-After``, before anything executes (nothing stored)."""
-        return cls(kind="rate_limit", retry_after=retry_after)
-
-    @classmethod
-    def error_before_commit(cls) -> PaymentFault:
-        """500 with ``Stripe-Should-Retry: true``: nothing committed, the key is released."""
-        return cls(kind="error_before_commit")
+class PaymentFault(ProviderFault):
+    """One way a POST to the payments API fails; besides the shared kinds, a 500 after the
+    effect committed (stored for the key, no ``Stripe-Should-Retry``)."""
 
     @classmethod
     def error_after_commit(cls) -> PaymentFault:
         """The effect commits, then 500 (stored for the key, no ``Stripe-Should-Retry``)."""
         return cls(kind="error_after_commit")
 
-    @classmethod
-    def drop_after_commit(cls) -> PaymentFault:
-        """The effect commits (and its 200 is stored), then the connection is reset unanswered."""
-        return cls(kind="drop")
-
 
 @dataclass
-class RecordedPaymentRequest:
+class RecordedPaymentRequest(KeyedRequest):
     """One request the server received and what it answered."""
 
     method: str
@@ -110,16 +91,6 @@ class RecordedPaymentRequest:
     """HTTP status answered; None when the connection was dropped."""
     response: JSONObject | None = None
     replayed: bool = False
-
-    @property
-    def idempotency_key(self) -> str | None:
-        """The ``Idempotency-Key`` header as sent."""
-        return self.headers.get("idempotency-key")
-
-    @property
-    def authorization(self) -> str | None:
-        """The Authorization header as sent."""
-        return self.headers.get("authorization")
 
     def param(self, name: str) -> str | None:
         """The first form value with this name (``metadata[aios_key]`` style names included)."""
