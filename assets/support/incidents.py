@@ -9,11 +9,11 @@ its duplicates, and it is what a rollback proposal is judged on.
 import dagster as dg
 from pydantic import BaseModel
 
-from aios_dagster.audit import StepContext
 from aios_dagster.config import ConfigError
 from aios_dagster.memory.chunking import Document
 from aios_dagster.memory.embeddings import EmbeddingError
 from aios_dagster.support.telemetry import Anomaly
+from assets.support.approved import step_context
 from assets.support.inbox import GROUP, OWNERS, WORKFLOW
 from resources.kernel import AiosKernel
 
@@ -52,12 +52,7 @@ def incident(
     """Record the incident and remember it for triage."""
     kernel = aios.kernel()
     anomaly = Anomaly.model_validate_json(config.anomaly_json)
-    step = StepContext(
-        workflow=WORKFLOW,
-        step=INCIDENT.to_user_string(),
-        partition_key=context.partition_key,
-        run_id=context.run.run_id,
-    )
+    step = step_context(context, WORKFLOW, INCIDENT)
     remembered = True
     try:
         kernel.semantic_index().ingest(

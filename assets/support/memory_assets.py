@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from aios_dagster.audit import StepContext
+from assets.support.approved import step_context
 from assets.support.inbox import WORKFLOW, MessageBatch
 from assets.support.known_issues import remember_new_issues
 from assets.support.models import TriageBatch
@@ -26,12 +26,7 @@ def support_known_issues(
 ) -> dg.MaterializeResult[None]:
     """Remember the batch's new issues (after triage, off its critical path)."""
     kernel = aios.kernel()
-    step = StepContext(
-        workflow=WORKFLOW,
-        step=SUPPORT_KNOWN_ISSUES.to_user_string(),
-        partition_key=context.partition_key,
-        run_id=context.run.run_id,
-    )
+    step = step_context(context, WORKFLOW, SUPPORT_KNOWN_ISSUES)
     added = remember_new_issues(
         kernel, triage.tickets, {m.item_key: m for m in batch.messages}, step
     )

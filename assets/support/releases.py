@@ -14,7 +14,6 @@ from pydantic import BaseModel
 
 from aios_dagster.agents import BudgetPaused
 from aios_dagster.approvals import ApprovalCost, StagedPayload
-from aios_dagster.audit import StepContext
 from aios_dagster.config import AiosConfig
 from aios_dagster.connectors.base import Connector, EffectRequest
 from aios_dagster.connectors.changelog import ChangelogFile
@@ -85,12 +84,7 @@ def release_notes(context: dg.AssetExecutionContext, aios: AiosKernel) -> dg.Out
         raise dg.Failure(str(exc), allow_retries=False) from exc
     titles = _closed_issue_titles(config)
     closed = {n: titles.get(n, "") for c in commits for n in c.closes}
-    step = StepContext(
-        workflow=WORKFLOW,
-        step=RELEASE_NOTES.to_user_string(),
-        partition_key=tag,
-        run_id=context.run.run_id,
-    )
+    step = step_context(context, WORKFLOW, RELEASE_NOTES)
     inputs = ReleaseInput(
         product=config.support.product,
         tag=tag,

@@ -11,7 +11,6 @@ from pydantic import BaseModel
 
 from aios_dagster.agents import BudgetPaused
 from aios_dagster.approvals import ApprovalCost, StagedPayload
-from aios_dagster.audit import StepContext
 from aios_dagster.connectors.base import EffectRequest
 from aios_dagster.connectors.deploy_webhook import DeployWebhook, RollbackRequest
 from aios_dagster.kernel import Kernel
@@ -115,12 +114,7 @@ def rollback_proposal(
     kernel = aios.kernel()
     config = aios.operator_config()
     policy = config.support.rollback
-    step = StepContext(
-        workflow=WORKFLOW,
-        step=ROLLBACK_PROPOSAL.to_user_string(),
-        partition_key=context.partition_key,
-        run_id=context.run.run_id,
-    )
+    step = step_context(context, WORKFLOW, ROLLBACK_PROPOSAL)
     p1 = [t for t in kernel.tickets.open_tickets() if t.severity == "P1"]
     inputs = RollbackInput(
         incident_key=context.partition_key,

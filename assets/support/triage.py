@@ -20,6 +20,7 @@ from aios_dagster.connectors.crm import Crm
 from aios_dagster.inbound.message import InboundMessage
 from aios_dagster.kernel import Kernel
 from aios_dagster.support.tickets import Ticket
+from assets.support.approved import step_context
 from assets.support.inbox import GROUP, MESSAGES, OWNERS, SUPPORT_BATCHES, WORKFLOW, MessageBatch
 from assets.support.known_issues import recall_known_issues
 from assets.support.models import (
@@ -164,12 +165,7 @@ def triage(
     """The batch's tickets, triaged."""
     kernel = aios.kernel()
     settings = aios.operator_config().support
-    step = StepContext(
-        workflow=WORKFLOW,
-        step=TRIAGE.to_user_string(),
-        partition_key=context.partition_key,
-        run_id=context.run.run_id,
-    )
+    step = step_context(context, WORKFLOW, TRIAGE)
     connector = crm.crm()
     try:
         result = triage_batch(
