@@ -378,6 +378,73 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX support_tickets_by_status ON support_tickets (status, received_at)",
         ),
     ),
+    Migration(
+        11,
+        "the default CRM",
+        (
+            # The CRM's record: contacts (one per lower-cased email) and deals (one per contact
+            # and title) hold their current state; every write that changed them, and every
+            # note, is a row under its idempotency key, unique, so a write is checked and made
+            # in one transaction and replaying its key returns the first write's receipt.
+            # Amounts are integer micro-dollars, as everywhere in the ledger.
+            """
+            CREATE TABLE crm_contacts (
+                contact_id TEXT PRIMARY KEY,
+                email TEXT NOT NULL UNIQUE,
+                name TEXT,
+                company TEXT,
+                tags TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                effect_key TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE crm_contact_writes (
+                effect_key TEXT PRIMARY KEY,
+                contact_id TEXT NOT NULL,
+                email TEXT NOT NULL,
+                name TEXT,
+                company TEXT,
+                tags TEXT NOT NULL,
+                written_at TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE crm_notes (
+                note_id TEXT PRIMARY KEY,
+                effect_key TEXT NOT NULL UNIQUE,
+                contact_email TEXT NOT NULL,
+                body TEXT NOT NULL,
+                created_at TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX crm_notes_by_contact ON crm_notes (contact_email, created_at)",
+            """
+            CREATE TABLE crm_deals (
+                deal_id TEXT PRIMARY KEY,
+                contact_email TEXT NOT NULL,
+                title TEXT NOT NULL,
+                amount_micros BIGINT NOT NULL,
+                stage TEXT NOT NULL CHECK (stage IN ('lead', 'qualified', 'won', 'lost')),
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                effect_key TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE crm_deal_writes (
+                effect_key TEXT PRIMARY KEY,
+                deal_id TEXT NOT NULL,
+                contact_email TEXT NOT NULL,
+                title TEXT NOT NULL,
+                amount_micros BIGINT NOT NULL,
+                stage TEXT NOT NULL,
+                written_at TEXT NOT NULL
+            )
+            """,
+        ),
+    ),
 )
 
 

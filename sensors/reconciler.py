@@ -30,7 +30,7 @@ def effect_connectors(
     """
     connectors: dict[str, Connector] = {}
     if aios is not None:
-        connectors.update(configured_connectors(aios.operator_config(), aios.kernel().warehouse))
+        connectors.update(configured_connectors(aios.operator_config(), aios.kernel().ledger))
     connectors.pop("smtp", None)
     publisher = site.publisher()
     connectors[publisher.name] = publisher

@@ -1,14 +1,14 @@
 """Crash campaign: effects happen once, whatever moment a worker is SIGKILLed.
 
-For each connector (static site, SMTP, payments, CMS) a worker running a batch of effects through
-`IntentLog.execute` is SIGKILLed at every named crash point (before the intent, after the intent,
-after the provider committed, before the outcome is recorded) for 5 seeds, and at at least 100
-seeded random moments. Then the step is retried as a new run (half the time after the
-`reconcile_stuck` pass the ``stuck_effects`` sensor runs). Afterwards the provider holds exactly
-one effect per item (0 duplicates) and the ledger every item succeeded (0 lost, no intent left
-in flight). SMTP cannot be asked: an email whose worker died mid-effect goes to the operator
-(``needs_operator``), who checks the mail log (here: the recording server) and resolves it; it is
-never resent automatically.
+For each connector (static site, SMTP, payments, CMS, the HTTP CRM and the default CRM in the
+ledger) a worker running a batch of effects through `IntentLog.execute` is SIGKILLed at every
+named crash point (before the intent, after the intent, after the provider committed, before the
+outcome is recorded) for 5 seeds, and at at least 100 seeded random moments. Then the step is
+retried as a new run (half the time after the `reconcile_stuck` pass the ``stuck_effects`` sensor
+runs). Afterwards the provider holds exactly one effect per item (0 duplicates) and the ledger
+every item succeeded (0 lost, no intent left in flight). SMTP cannot be asked: an email whose
+worker died mid-effect goes to the operator (``needs_operator``), who checks the mail log (here:
+the recording server) and resolves it; it is never resent automatically.
 
 Workers are forked from the test process (no interpreter start per kill); the fake providers run
 in threads of the test process, and every retry first waits until the provider has finished with
@@ -46,7 +46,7 @@ from aios_dagster.audit import AuditLog, StepContext
 from aios_dagster.config import SmtpSettings
 from aios_dagster.connectors.base import Connector, ConnectorError, EffectRequest, Receipt
 from aios_dagster.connectors.cms_ghost import CmsPost, GhostCms, GhostCmsSettings, key_tag
-from aios_dagster.connectors.crm import Contact, CrmHttpSettings, HttpCrm, Note
+from aios_dagster.connectors.crm import Contact, CrmHttpSettings, HttpCrm, LedgerCrm, Note
 from aios_dagster.connectors.email_smtp import OutgoingEmail, SmtpMailer, message_id_for
 from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator, IntentLog
 from aios_dagster.connectors.payments import (
@@ -89,8 +89,10 @@ class Provider:
     unknowable: ClassVar[bool] = False
     """The provider cannot be asked (SMTP): a worker dying mid-effect means the operator."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ledger_url: str) -> None:
         self.root = root
+        self.ledger_url = ledger_url
+        """The ledger the intents are in (the default CRM keeps its tables there too)."""
 
     def start(self) -> None:
         """Start the fake provider (in threads of the test process)."""
@@ -220,8 +222,8 @@ class SmtpProvider(Provider):
     name = "smtp"
     unknowable = True
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, ledger_url: str) -> None:
+        super().__init__(root, ledger_url)
         self.mailbox = _Mailbox()
         self._port = free_port()
         self.controller = Controller(self.mailbox, hostname="127.0.0.1", port=self._port)
@@ -259,8 +261,8 @@ class PaymentsProvider(Provider):
     name = "payments"
     SECRET = "sk_test_campaign"
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, ledger_url: str) -> None:
+        super().__init__(root, ledger_url)
         self.server = FakePaymentsServer(api_key=self.SECRET)
 
     def start(self) -> None:
@@ -299,8 +301,8 @@ class PaymentsProvider(Provider):
 class CmsProvider(Provider):
     name = "cms"
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, ledger_url: str) -> None:
+        super().__init__(root, ledger_url)
         self.server = FakeGhostServer()
 
     def start(self) -> None:
@@ -346,8 +348,8 @@ class CrmProvider(Provider):
     TOKEN = "crm_campaign_token"
     CONTACT = "reader@example.org"
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, ledger_url: str) -> None:
+        super().__init__(root, ledger_url)
         self.server = FakeCrmServer(token=self.TOKEN)
 
     def start(self) -> None:
@@ -391,8 +393,54 @@ class CrmProvider(Provider):
         return len(self.server.notes)
 
 
+class LedgerCrmProvider(Provider):
+    """The default CRM, tables in the ledger the intents are in (as in the kernel): a worker
+    killed inside its SQLite transaction leaves nothing half-written, and the retry finds the
+    note by its key (`lookup`) or writes it."""
+
+    name = "crm"  # the connector's own name: it names the crash points
+    CONTACT = "reader@example.org"
+
+    def connector(self, trial: int) -> Connector:
+        return LedgerCrm(Ledger(self.ledger_url))
+
+    def close(self, connector: Connector) -> None:
+        assert isinstance(connector, LedgerCrm)
+        connector.ledger.dispose()
+
+    def perform(self, connector: Connector, item: EffectRequest) -> Callable[[str], Receipt]:
+        assert isinstance(connector, LedgerCrm)
+        return lambda key: connector.add_note(
+            key, Note(contact_email=self.CONTACT, body=f"reply to {item.item_key}")
+        )
+
+    def _note_keys(self) -> list[str]:
+        ledger = Ledger(self.ledger_url)
+        try:
+            with ledger.transaction() as tx:
+                rows = tx.execute(sa.text("SELECT effect_key FROM crm_notes")).scalars()
+                return [str(key) for key in rows]
+        finally:
+            ledger.dispose()
+
+    def effects(self, keys: dict[int, list[str]]) -> dict[str, int]:
+        counts = Counter(self._note_keys())
+        return {key: counts[key] for group in keys.values() for key in group}
+
+    def total_effects(self) -> int:
+        return len(self._note_keys())
+
+
 PROVIDERS: dict[str, type[Provider]] = {
-    p.name: p for p in (SiteProvider, SmtpProvider, PaymentsProvider, CmsProvider, CrmProvider)
+    p.name: p
+    for p in (
+        SiteProvider,
+        SmtpProvider,
+        PaymentsProvider,
+        CmsProvider,
+        CrmProvider,
+        LedgerCrmProvider,
+    )
 }
 
 
@@ -619,12 +667,13 @@ def _context(run_id: str, trial: int) -> StepContext:
 
 @pytest.fixture
 def campaign(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Campaign]:
-    provider = PROVIDERS[request.param](tmp_path / "provider")
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    provider = PROVIDERS[request.param](tmp_path / "provider", ledger_url)
     provider.start()
     try:
         yield Campaign(
             provider=provider,
-            ledger_url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+            ledger_url=ledger_url,
             scratch=tmp_path,
             tally=Tally(connector=provider.name),
         )

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from aios_dagster.audit import AuditLog, Redactor, StepContext
+from aios_dagster.config import BudgetSettings
 from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown
 from aios_dagster.connectors.crm import (
     Contact,
@@ -21,11 +22,12 @@ from aios_dagster.connectors.crm import (
     CrmHttpSettings,
     Deal,
     HttpCrm,
+    LedgerCrm,
     Note,
-    WarehouseCrm,
 )
 from aios_dagster.connectors.intent_log import IntentLog
 from aios_dagster.ledger import Ledger
+from aios_dagster.metrics import snapshot_ledger
 from aios_dagster.warehouse import Warehouse
 from resources.crm import CrmResource
 from resources.kernel import AiosKernel
@@ -77,13 +79,14 @@ def http_crm(server: FakeCrmServer) -> Iterator[HttpCrm]:
         yield crm
 
 
-@pytest.fixture(params=["warehouse", "http"])
-def crm(
-    request: pytest.FixtureRequest, warehouse: Warehouse, server: FakeCrmServer
-) -> Iterator[Crm]:
-    """Each CRM in turn."""
-    if request.param == "warehouse":
-        yield WarehouseCrm(warehouse)
+@pytest.fixture(params=["ledger", "postgres", "http"])
+def crm(request: pytest.FixtureRequest, ledger: Ledger, server: FakeCrmServer) -> Iterator[Crm]:
+    """Each CRM in turn: the default one on the SQLite ledger and on Postgres, and HTTP."""
+    if request.param == "ledger":
+        yield LedgerCrm(ledger)
+        return
+    if request.param == "postgres":
+        yield LedgerCrm(request.getfixturevalue("pg_ledger"))
         return
     with HttpCrm(CrmHttpSettings(base_url=server.url, timeout_seconds=5), token=TOKEN) as built:
         yield built
@@ -91,8 +94,13 @@ def crm(
 
 def _rows(crm: Crm, server: FakeCrmServer, table: str) -> list[dict[str, Any]]:
     """The committed contacts, notes or deals, wherever this CRM keeps them."""
-    if isinstance(crm, WarehouseCrm):
-        return crm.warehouse.query(f"SELECT * FROM crm.{table}")
+    if isinstance(crm, LedgerCrm):
+        with crm.ledger.transaction() as tx:
+            rows = tx.execute(sa.text(f"SELECT * FROM crm_{table}")).mappings().all()
+        return [
+            {**row, "amount_usd": row["amount_micros"] / 1e6} if "amount_micros" in row else row
+            for row in map(dict, rows)
+        ]
     return {"contacts": server.contacts, "notes": server.notes, "deals": server.deals}[table]
 
 
@@ -201,6 +209,28 @@ def test_a_deal_moves_stage_instead_of_opening_another(
     assert found is not None and found.detail["stage"] == "lead"
 
 
+def test_the_default_crm_reaches_the_facts_warehouse_through_the_ledger_snapshot(
+    ledger: Ledger, warehouse: Warehouse
+) -> None:
+    crm = LedgerCrm(ledger)
+    crm.upsert_contact("idem_c", ADA.model_copy(update={"tags": ("plan:pro",)}))
+    crm.add_note("idem_n", Note(contact_email=ADA.email, body="Asked about the API."))
+    deal = Deal(contact_email=ADA.email, title="Pro plan", amount_usd=0.29, stage="qualified")
+    crm.upsert_deal("idem_d", deal)
+
+    report = snapshot_ledger(ledger, warehouse, budgets=BudgetSettings(), prices={}, roles=[])
+
+    assert report.rows["crm_contacts"] == report.rows["crm_notes"] == report.rows["crm_deals"] == 1
+    assert warehouse.query("SELECT email, tags FROM ledger.crm_contacts") == [
+        {"email": "ada@example.com", "tags": '["plan:pro"]'}
+    ]
+    assert warehouse.query("SELECT effect_key, body FROM ledger.crm_notes") == [
+        {"effect_key": "idem_n", "body": "Asked about the API."}
+    ]
+    (row,) = warehouse.query("SELECT amount_usd, stage FROM ledger.crm_deals")
+    assert row == {"amount_usd": 0.29, "stage": "qualified"}, "micro-dollars back to dollars"
+
+
 # -- the HTTP CRM's failures --------------------------------------------------------------------
 
 
@@ -290,12 +320,12 @@ def test_health_a_wrong_token_and_an_unreachable_crm(server: FakeCrmServer) -> N
 # -- the resource -------------------------------------------------------------------------------
 
 
-def test_the_resource_defaults_to_the_warehouse_and_goes_http_with_a_base_url(
+def test_the_resource_defaults_to_the_ledger_and_goes_http_with_a_base_url(
     server: FakeCrmServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     aios = AiosKernel(base_dir=str(tmp_path))
     with CrmResource(aios=aios).crm() as default:
-        assert isinstance(default, WarehouseCrm) and default.name == "crm"
+        assert isinstance(default, LedgerCrm) and default.name == "crm"
         assert default.health().healthy
         assert default.upsert_contact("idem_r", ADA).detail["email"] == "ada@example.com"
     monkeypatch.setenv("AIOS_TEST_CRM_TOKEN", TOKEN)

@@ -21,7 +21,7 @@ import dagster as dg
 import pytest
 
 from aios_dagster.config import load_config
-from aios_dagster.connectors.crm import Contact, WarehouseCrm
+from aios_dagster.connectors.crm import Contact, LedgerCrm
 from aios_dagster.connectors.payments import (
     CUSTOMER_EMAIL_KEY,
     ChargeRequest,
@@ -140,7 +140,7 @@ def test_a_batch_is_triaged_and_every_reply_and_refund_waits_for_the_operator(
     inbox, _ = smtp
     defs: dg.Definitions = definitions_module.defs
     kernel = Kernel.build(load_config(config_path))
-    WarehouseCrm(kernel.warehouse).upsert_contact(
+    LedgerCrm(kernel.ledger).upsert_contact(
         "seed-ada", Contact(email="ada@example.org", name="Ada", tags=("plan:business",))
     )
     fill_maildir(tmp_path / "inbound" / "Maildir")

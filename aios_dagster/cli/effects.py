@@ -100,7 +100,7 @@ def compensate(
     record = kernel.intents.effects_by_key(key)
     if record is None:
         raise fail(f"no single effect matches '{key}' (see: aios effects list)")
-    connectors = configured_connectors(kernel.config, kernel.warehouse)
+    connectors = configured_connectors(kernel.config, kernel.ledger)
     try:
         connector = connectors.get(record.connector)
         if connector is None:

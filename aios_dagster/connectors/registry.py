@@ -12,21 +12,21 @@ import os
 from aios_dagster.config import AiosConfig
 from aios_dagster.connectors.base import Connector
 from aios_dagster.connectors.cms_ghost import GhostCms
-from aios_dagster.connectors.crm import WarehouseCrm
+from aios_dagster.connectors.crm import LedgerCrm
 from aios_dagster.connectors.deploy_webhook import DeployWebhook
 from aios_dagster.connectors.email_smtp import SmtpMailer
 from aios_dagster.connectors.payments import PaymentsConnector
 from aios_dagster.connectors.static_site import StaticSitePublisher
-from aios_dagster.warehouse import Warehouse
+from aios_dagster.ledger import Ledger
 
 
-def configured_connectors(config: AiosConfig, warehouse: Warehouse) -> dict[str, Connector]:
+def configured_connectors(config: AiosConfig, ledger: Ledger) -> dict[str, Connector]:
     """The connectors as configured right now; close the ones with `close()` when done."""
     site = StaticSitePublisher(
         config.site_path, site_url=config.newsletter.site_url, site_title=config.newsletter.title
     )
     connectors: dict[str, Connector] = {site.name: site}
-    crm = WarehouseCrm(warehouse)
+    crm = LedgerCrm(ledger)
     connectors[crm.name] = crm
     if config.smtp is not None:
         mailer = SmtpMailer(config.smtp, password=os.environ.get(config.smtp.password_env))

@@ -145,6 +145,35 @@ RETRAINING_QUEUE = SnapshotTable(
     ),
 )
 
+CRM_CONTACTS = SnapshotTable(
+    name="crm_contacts",
+    ledger_table="crm_contacts",
+    columns=(
+        *_cols("VARCHAR", "contact_id", "email", "name", "company", "tags"),
+        *_cols("TIMESTAMPTZ", "created_at", "updated_at"),
+    ),
+)
+
+CRM_NOTES = SnapshotTable(
+    name="crm_notes",
+    ledger_table="crm_notes",
+    columns=(
+        *_cols("VARCHAR", "note_id", "effect_key", "contact_email", "body"),
+        Column(name="created_at", type="TIMESTAMPTZ"),
+    ),
+)
+
+CRM_DEALS = SnapshotTable(
+    name="crm_deals",
+    ledger_table="crm_deals",
+    columns=(
+        *_cols("VARCHAR", "deal_id", "contact_email", "title"),
+        Column(name="amount_usd", type="DOUBLE", source="amount_micros / 1000000.0"),
+        Column(name="stage", type="VARCHAR"),
+        *_cols("TIMESTAMPTZ", "created_at", "updated_at"),
+    ),
+)
+
 LEDGER_TABLES: tuple[SnapshotTable, ...] = (
     APPROVALS,
     APPROVAL_DECISIONS,
@@ -152,6 +181,9 @@ LEDGER_TABLES: tuple[SnapshotTable, ...] = (
     BUDGET_RESERVATIONS,
     BUDGET_TOTALS,
     RETRAINING_QUEUE,
+    CRM_CONTACTS,
+    CRM_NOTES,
+    CRM_DEALS,
 )
 """Copied from the ledger, all in one ledger transaction (one consistent point in time)."""
 

@@ -76,7 +76,7 @@ def configured_connector(
 ) -> Iterator[ConnectorT]:
     """The operator's configured connector `name` for the body, every connector closed after;
     a dg.Failure (never retried) naming the missing config section when it is not set up."""
-    connectors = configured_connectors(config, kernel.warehouse)
+    connectors = configured_connectors(config, kernel.ledger)
     try:
         connector = connectors.get(name)
         if not isinstance(connector, kind):

@@ -177,7 +177,7 @@ def published_release_notes(
     tag = context.partition_key
     step = step_context(context, WORKFLOW, PUBLISHED_NOTES)
     approval, payload = approved_payload(context, kernel, step, "publish_release_notes")
-    connectors = configured_connectors(config, kernel.warehouse)
+    connectors = configured_connectors(config, kernel.ledger)
     try:
         target = _target(config, connectors)
         request = EffectRequest(
