@@ -6,16 +6,19 @@ across ticks and restarts, unreadable messages quarantined) and asks for a run f
 run has taken yet, with the batch key as run key and partition key. Asking again is safe: Dagster
 starts at most one run per run key, so a tick that died after recording a batch but before its
 run was requested is healed by the next one.
+
+`aios run support_triage` does the same look through the same function
+(`take_in_new_messages`), then runs the batches in the operator's terminal.
 """
 
 import dagster as dg
 
 from aios_dagster.config import SupportInboxSettings
-from aios_dagster.inbound.inbox import InboundFolders
+from aios_dagster.inbound.intake import BATCH_TAG, NO_FOLDERS, batch_run_tags, take_in_new_messages
 from assets.support import SUPPORT_BATCHES, WORKFLOW, support_triage_job
 from resources.kernel import AiosKernel
 
-BATCH_TAG = "aios/inbound_batch"
+__all__ = ["BATCH_TAG", "customer_messages_sensor"]
 
 
 def customer_messages_sensor(inbox: SupportInboxSettings) -> dg.SensorDefinition:
@@ -33,27 +36,21 @@ def customer_messages_sensor(inbox: SupportInboxSettings) -> dg.SensorDefinition
         context: dg.SensorEvaluationContext, aios: AiosKernel
     ) -> dg.SensorResult | dg.SkipReason:
         """Take in what is new, then ask for a run for every batch not yet taken by one."""
-        config = aios.operator_config()
-        settings = config.support.inbox
-        if not settings.maildirs and not settings.drop_folders:
-            return dg.SkipReason("no support.inbox folders configured")
-        kernel = aios.kernel()
-        report = kernel.inbox.take_in(
-            WORKFLOW, settings, InboundFolders.from_settings(settings, config.resolve)
-        )
-        context.log.info(report.summary())
-        pending = kernel.inbox.pending_batches(WORKFLOW)
-        if not pending:
-            return dg.SkipReason(report.summary())
-        keys = [batch.batch_key for batch in pending]
+        intake = take_in_new_messages(aios.kernel(), WORKFLOW)
+        if intake.report is None:
+            return dg.SkipReason(NO_FOLDERS)
+        context.log.info(intake.report.summary())
+        if not intake.pending:
+            return dg.SkipReason(intake.report.summary())
+        keys = [batch.batch_key for batch in intake.pending]
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
                     run_key=batch.batch_key,
                     partition_key=batch.batch_key,
-                    tags={BATCH_TAG: batch.batch_key, "aios/messages": str(batch.item_count)},
+                    tags=batch_run_tags(batch),
                 )
-                for batch in pending
+                for batch in intake.pending
             ],
             dynamic_partitions_requests=[SUPPORT_BATCHES.build_add_request(keys)],
         )

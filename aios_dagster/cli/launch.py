@@ -67,11 +67,36 @@ def code_location() -> dg.Definitions:
     return defs
 
 
+class PartitionNeeded(ValueError):
+    """A job whose partitions have no newest one: the operator must name the partition."""
+
+
+def _is_dynamic(partitions: dg.PartitionsDefinition) -> bool:
+    if isinstance(partitions, dg.DynamicPartitionsDefinition):
+        return True
+    if isinstance(partitions, dg.MultiPartitionsDefinition):
+        return any(_is_dynamic(d.partitions_def) for d in partitions.partitions_defs)
+    return False
+
+
 def latest_partition(defs: dg.Definitions, job_name: str) -> str | None:
-    """The newest partition of a partitioned job (this week's issue), or None."""
+    """The newest partition of a partitioned job (this week's issue), or None.
+
+    Raises PartitionNeeded for dynamic partitions (a batch, a ticket): they are added as work
+    arrives, so none is "the newest" to run by default.
+    """
     job = defs.resolve_job_def(job_name)
     partitions = job.partitions_def
-    return partitions.get_last_partition_key() if partitions else None
+    if partitions is None:
+        return None
+    if _is_dynamic(partitions):
+        name = getattr(partitions, "name", None)
+        kind = f"the dynamic partitions '{name}'" if name else "dynamic partitions"
+        raise PartitionNeeded(
+            f"job '{job_name}' runs one of {kind}, added as work arrives, so there is no newest"
+            f" one to run by default: pass --partition <key> (the keys are in the Dagster UI)"
+        )
+    return partitions.get_last_partition_key()
 
 
 def run_job(

@@ -59,6 +59,8 @@ class IntakeReport(BaseModel):
     taken: int = 0
     copies: int = 0
     quarantined: int = 0
+    held: list[str] = []
+    """Each quarantined message: where it was read from and why it cannot be used."""
     problems: list[str] = []
 
     def summary(self) -> str:
@@ -105,6 +107,7 @@ class _Tick:
     copies_in_tick: list[tuple[str, str]] = field(default_factory=list)
     problems: list[FolderProblem] = field(default_factory=list)
     quarantined: int = 0
+    held: list[str] = field(default_factory=list)
 
 
 class Inbox:
@@ -149,6 +152,7 @@ class Inbox:
             self.quarantine.hold(context, source=entry.origin, reason=str(error), raw=raw)
             tick.entries.append((entry.entry_key, "quarantined", None, str(error)))
             tick.quarantined += 1
+            tick.held.append(f"{entry.origin}: {error}")
             return
         if message.item_key in tick.messages:
             tick.copies_in_tick.append((entry.entry_key, message.item_key))
@@ -194,6 +198,7 @@ class Inbox:
         now = utc_now()
         report = IntakeReport(
             quarantined=tick.quarantined,
+            held=tick.held,
             problems=[f"{p.folder}: {p.reason}" for p in tick.problems],
         )
         with self.ledger.transaction() as connection:
@@ -282,6 +287,22 @@ class Inbox:
                 {"w": workflow},
             ).mappings()
             return [InboundBatch.model_validate(dict(row)) for row in rows]
+
+    def batch(self, batch_key: str) -> InboundBatch | None:
+        """One batch by its key, taken or not: what the operator names to run a batch again."""
+        with self.ledger.transaction() as connection:
+            row = (
+                connection.execute(
+                    sa.text(
+                        "SELECT batch_key, workflow, item_count, created_at, run_id"
+                        " FROM inbound_batches WHERE batch_key = :b"
+                    ),
+                    {"b": batch_key},
+                )
+                .mappings()
+                .first()
+            )
+            return None if row is None else InboundBatch.model_validate(dict(row))
 
     def take_batch(self, batch_key: str, run_id: str) -> list[InboundMessage]:
         """The batch's messages for the run handling it; the first run to take it is recorded."""
