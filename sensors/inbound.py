@@ -14,7 +14,13 @@ run was requested is healed by the next one.
 import dagster as dg
 
 from aios_dagster.config import SupportInboxSettings
-from aios_dagster.inbound.intake import BATCH_TAG, NO_FOLDERS, batch_run_tags, take_in_new_messages
+from aios_dagster.inbound.intake import (
+    BATCH_TAG,
+    CUSTOMER_MESSAGES_SENSOR,
+    NO_FOLDERS,
+    batch_run_tags,
+    take_in_new_messages,
+)
 from assets.support import SUPPORT_BATCHES, WORKFLOW, support_triage_job
 from resources.kernel import AiosKernel
 
@@ -25,7 +31,7 @@ def customer_messages_sensor(inbox: SupportInboxSettings) -> dg.SensorDefinition
     """The sensor, polling as often as the operator's config says (`support.inbox.poll_seconds`)."""
 
     @dg.sensor(
-        name="customer_messages",
+        name=CUSTOMER_MESSAGES_SENSOR,
         job=support_triage_job,
         minimum_interval_seconds=inbox.poll_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,

@@ -166,6 +166,10 @@ def test_support_triage_on_the_samples_then_nothing_new_then_one_batch_again(
     assert run.status == dg.DagsterRunStatus.SUCCESS
     assert run.tags[BATCH_TAG] == batch and run.tags["dagster/partition"] == batch
     assert run.tags["aios/messages"] == str(TICKETS)
+    # It counts as the sensor's run for the batch's run key: a daemon ticking meanwhile starts
+    # no second run for it.
+    assert run.tags["dagster/run_key"] == batch
+    assert run.tags["dagster/sensor_name"] == "customer_messages"
     assert _scalar(ws, "SELECT COUNT(*) FROM inbound_batches WHERE run_id = ?", run.run_id) == 1
     assert _approvals(ws) == {"reply": REPLIES, "refund": REFUNDS}
 
@@ -197,6 +201,7 @@ def test_support_triage_on_the_samples_then_nothing_new_then_one_batch_again(
     runs = _triage_runs(ws)
     assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
     assert {r.tags["dagster/partition"] for r in runs} == {batch}
+    assert sum("dagster/run_key" in r.tags for r in runs) == 1, "a re-run claims no run key"
     assert _scalar(ws, "SELECT COUNT(*) FROM support_tickets") == TICKETS
     assert _approvals(ws) == {"reply": REPLIES, "refund": REFUNDS}
 

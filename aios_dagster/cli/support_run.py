@@ -24,6 +24,7 @@ from aios_dagster.inbound.intake import (
     FOLDER_KEYS,
     NO_FOLDERS,
     batch_run_tags,
+    claimed_as_sensor_run,
     take_in_new_messages,
 )
 from aios_dagster.kernel import Kernel
@@ -120,9 +121,10 @@ def run_support_triage(kernel: Kernel, defs: dg.Definitions, batch_key: str | No
             f"Running [bold]{SUPPORT_TRIAGE_JOB}[/]{again} for [bold]{batch.batch_key}[/]"
             f" ({batch.item_count} message(s))"
         )
-        result = run_job(
-            kernel, SUPPORT_TRIAGE_JOB, partition_key=batch.batch_key, tags=batch_run_tags(batch)
-        )
+        tags = batch_run_tags(batch)
+        if not batch.run_id:  # a new batch: this run is the one the sensor would have asked for
+            tags |= claimed_as_sensor_run(batch)
+        result = run_job(kernel, SUPPORT_TRIAGE_JOB, partition_key=batch.batch_key, tags=tags)
         if not print_run(kernel, result):
             failed.append(result.run_id)
             continue

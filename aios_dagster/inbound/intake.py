@@ -8,11 +8,14 @@ round), and a batch's run carries the same tags whoever asked for it.
 
 from __future__ import annotations
 
+from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 from pydantic import BaseModel
 
 from aios_dagster.inbound.inbox import InboundBatch, InboundFolders, IntakeReport
 from aios_dagster.kernel import Kernel
 
+CUSTOMER_MESSAGES_SENSOR = "customer_messages"
+"""The sensor that batches customer messages into runs."""
 BATCH_TAG = "aios/inbound_batch"
 """The run tag naming the batch a run handles (also its partition key and run key)."""
 MESSAGES_TAG = "aios/messages"
@@ -52,3 +55,10 @@ def batch_run_tags(batch: InboundBatch) -> dict[str, str]:
     """The tags of the run that handles a batch, the same whether the sensor or the operator's
     terminal asks for it (the UI filters runs by them)."""
     return {BATCH_TAG: batch.batch_key, MESSAGES_TAG: str(batch.item_count)}
+
+
+def claimed_as_sensor_run(batch: InboundBatch) -> dict[str, str]:
+    """Tags that make a run started from the terminal count as the `customer_messages` sensor's
+    run for this batch's run key: a daemon ticking while it runs finds it (Dagster skips a run
+    request whose run key already has a run of that sensor) and starts no second run."""
+    return {RUN_KEY_TAG: batch.batch_key, SENSOR_NAME_TAG: CUSTOMER_MESSAGES_SENSOR}
