@@ -4,12 +4,16 @@ Each is a thin view of the kernel wired to the operator's config: the same worki
 and facts store the CLI and every other step see.
 """
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 
 from aios_dagster.memory.facts import FactStore
-from aios_dagster.memory.semantic_index import SemanticIndex
 from aios_dagster.memory.working_set import WorkingSet
 from resources.kernel import AiosKernel
+
+if TYPE_CHECKING:  # LanceDB costs about 1.5 s to import: only processes that search pay it
+    from aios_dagster.memory.semantic_index import SemanticIndex
 
 
 class WorkingMemory(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -27,7 +31,7 @@ class SemanticMemory(dg.ConfigurableResource):  # type: ignore[type-arg]
 
     aios: AiosKernel
 
-    def index(self) -> SemanticIndex:
+    def index(self) -> "SemanticIndex":
         """The index (embedder per `memory.embeddings`), opened once per process."""
         return self.aios.kernel().semantic_index()
 
