@@ -39,7 +39,6 @@ import io
 import os
 import platform
 import pstats
-import subprocess
 import sys
 import tempfile
 import threading
@@ -67,16 +66,6 @@ TARGET_MS = 0.5
 HIGH_BUDGET_USD = 1_000_000.0
 """Budgets high enough never to bind: this bench measures CPU, not refusals."""
 MODEL = "gpt-4o-mini"
-
-SERVER_SCRIPT = """
-import sys
-sys.path.insert(0, sys.argv[1])
-from tests.fakes.openai_server import FakeOpenAIServer
-server = FakeOpenAIServer().start()
-print(server.base_url, flush=True)
-sys.stdin.read()  # serve until the bench closes our stdin
-server.stop()
-"""
 
 
 class Verdict(BaseModel):
@@ -212,33 +201,6 @@ def measured(pool: ThreadPoolExecutor, calls: int, op: Callable[[int], object]) 
 def median_measure(samples: list[Measure]) -> Measure:
     """The round with the median CPU per call (rounds differ by scheduling noise)."""
     return sorted(samples, key=lambda m: m.cpu_s / m.calls)[len(samples) // 2]
-
-
-class FakeServerProcess:
-    """The fake OpenAI server in a child process, so its CPU is not this process's."""
-
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", SERVER_SCRIPT, str(REPO)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        self.base_url = self.process.stdout.readline().strip()
-        if not self.base_url.startswith("http"):
-            self.close()
-            raise RuntimeError("the fake OpenAI server did not start")
-
-    def close(self) -> None:
-        """Close its stdin (it stops serving and exits); kill it only if it does not."""
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def build_kernel(base_url: str, folder: Path) -> Kernel:
@@ -453,7 +415,10 @@ def main() -> None:
     parser.add_argument("--profile-calls", type=int, default=300)
     args = parser.parse_args()
 
-    server = FakeServerProcess()
+    sys.path.insert(0, str(REPO))
+    from tests.fakes.openai_process import FakeOpenAIServerProcess
+
+    server = FakeOpenAIServerProcess()
     try:
         with (
             tempfile.TemporaryDirectory() as tmp,

@@ -29,6 +29,7 @@ import random
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,10 +123,32 @@ def _set_aside(path: Path, trial: int) -> None:
             file.rename(file.with_name(f"{file.name}.corrupt{trial}"))
 
 
-def run(store: str, kills: int, folder: Path) -> tuple[int, int, int]:
+def _start_writer(store: str, path: Path, start: str) -> int:
+    """The writer's pid: forked from this process, or a new interpreter (spawn) that says when
+    it has opened the file."""
+    if start == "spawn":
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--writer", store, str(path)], stdout=subprocess.PIPE
+        )
+        assert child.stdout is not None
+        child.stdout.readline()
+        return child.pid
+    pid = os.fork()
+    if pid == 0:  # the writer: it never returns
+        code = 0
+        try:
+            STORES[store][1](path)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def run(store: str, kills: int, folder: Path, start: str) -> tuple[int, int, int]:
     """(kills, corrupt files, rows in the surviving files) for one store."""
-    create, writer, check = STORES[store]
-    rng = random.Random(f"kills:{store}")
+    create, _, check = STORES[store]
+    rng = random.Random(f"kills:{store}:{start}")
     paths = [folder / f"{store}{index}.db" for index in range(FILES_PER_STORE)]
     for path in paths:
         create(path)
@@ -134,15 +157,7 @@ def run(store: str, kills: int, folder: Path) -> tuple[int, int, int]:
         path = paths[trial % FILES_PER_STORE]
         if not path.exists():
             create(path)
-        pid = os.fork()
-        if pid == 0:  # the writer: it never returns
-            code = 0
-            try:
-                writer(path)
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
+        pid = _start_writer(store, path, start)
         time.sleep(rng.uniform(0.005, MAX_DELAY_SECONDS))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -162,7 +177,14 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=800)
     parser.add_argument("--store", choices=("duckdb", "sqlite", "both"), default="both")
     parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--start", choices=("fork", "spawn"), default="fork")
+    parser.add_argument("--writer", nargs=2, metavar=("STORE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.writer:  # a spawned writer
+        store, path = args.writer
+        print("ready", flush=True)
+        STORES[store][1](Path(path))
+        return
     folder = args.folder or Path(tempfile.mkdtemp(prefix="store-kills-"))
     folder.mkdir(parents=True, exist_ok=True)
     stores = ("duckdb", "sqlite") if args.store == "both" else (args.store,)
@@ -170,9 +192,10 @@ def main() -> None:
     print(f"files in {folder}")
     for store in stores:
         started = time.monotonic()
-        kills, corrupt, rows = run(store, args.kills, folder)
+        kills, corrupt, rows = run(store, args.kills, folder, args.start)
         print(
-            f"{store:<7} {kills} kills, {corrupt} corrupt files, {rows} rows readable after,"
+            f"{store:<7} {kills} kills of {args.start}ed writers, {corrupt} corrupt files,"
+            f" {rows} rows readable after,"
             f" {time.monotonic() - started:.0f} s"
         )
     if args.folder is None and not any(folder.glob("*.corrupt*")):
