@@ -137,10 +137,16 @@ class _TimedClient:
 
 
 def time_sdk_inside_the_gateway() -> None:
-    """Swap every cached gateway client for its timed stand-in (after a warm-up made them)."""
-    for key, client in list(gateway_client._clients.items()):
-        if not isinstance(client, _TimedClient):
-            gateway_client._clients[key] = _TimedClient(client)  # type: ignore[assignment]
+    """Hand the gateway timed stand-ins of its (per-thread) clients from now on."""
+    client_for = gateway_client._client_for
+    if getattr(client_for, "timed", False):
+        return
+
+    def timed_client_for(base_url: str, api_key: str, timeout: float) -> Any:
+        return _TimedClient(client_for(base_url, api_key, timeout))
+
+    timed_client_for.timed = True  # type: ignore[attr-defined]
+    gateway_client._client_for = timed_client_for
 
 
 @dataclass

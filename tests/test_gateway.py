@@ -691,3 +691,27 @@ def test_without_an_endpoint_roles_run_on_rules_without_a_fallback(tmp_path: Pat
     assert result.note == "no model endpoint is configured"
     assert _events(kernel, "fallback") == []
     assert math.isclose(sum(c["cost_usd"] for c in _calls(kernel)), 0)
+
+
+def test_each_thread_has_its_own_client_and_they_share_one_certificate_store() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aios_dagster.gateway.client import _client_for
+
+    def clients() -> tuple[openai.OpenAI, openai.OpenAI]:
+        return (
+            _client_for("http://127.0.0.1:9/v1", "k", 5.0),
+            _client_for("http://127.0.0.1:9/v1", "k", 5.0),
+        )
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        (a1, a2), (b1, _) = pool.submit(clients).result(), pool.submit(clients).result()
+    here, again = clients()
+    assert here is again and a1 is a2 and a1 is b1, "a thread reuses its client (connections)"
+    assert here is not a1, "threads do not share one connection pool"
+    assert here.max_retries == 0, "the retry policy is the only one"
+    contexts = {
+        id(c._client._transport._pool._ssl_context)  # type: ignore[attr-defined]
+        for c in (a1, b1, here)
+    }
+    assert len(contexts) == 1, "certificates are loaded once per process"
