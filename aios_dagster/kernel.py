@@ -21,6 +21,7 @@ from aios_dagster.connectors.intent_log import IntentLog
 from aios_dagster.gateway import LLMGateway
 from aios_dagster.inbound.inbox import Inbox
 from aios_dagster.ledger import Ledger
+from aios_dagster.memory import SEMANTIC_TABLE
 from aios_dagster.memory.cold_store import ColdStore
 from aios_dagster.memory.facts import FactStore
 from aios_dagster.memory.working_set import WorkingSet
@@ -125,6 +126,12 @@ class Kernel:
     _llm_api_key: str | None = field(default=None, repr=False)
     _semantic_index: SemanticIndex | None = field(default=None, repr=False)
     _semantic_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def semantic_memory_written(self) -> bool:
+        """Whether anything was ever ingested into semantic memory, by a look at its folder: a
+        search of an index never written finds nothing, and opening it costs LanceDB's import
+        (about 1.5 s), which a step that only needs to know "nothing yet" should not pay."""
+        return (self.paths.semantic_index / f"{SEMANTIC_TABLE}.lance").exists()
 
     def semantic_index(self) -> SemanticIndex:
         """The semantic memory (LanceDB), opened on first use and kept for this kernel.

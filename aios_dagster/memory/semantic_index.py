@@ -69,6 +69,7 @@ from aios_dagster.audit import AuditLog, StepContext
 from aios_dagster.config import MemorySettings
 from aios_dagster.crashpoints import crash_point
 from aios_dagster.files import atomic_write
+from aios_dagster.memory import SEMANTIC_TABLE
 from aios_dagster.memory.chunking import (
     Chunk,
     ChunkedDocument,
@@ -81,7 +82,7 @@ from aios_dagster.memory.cold_store import ColdStore
 from aios_dagster.memory.embeddings import Embedder, Vectors
 from aios_dagster.quarantine import Quarantine
 
-TABLE_NAME = "chunks"
+TABLE_NAME = SEMANTIC_TABLE
 COLD_TABLE = "semantic_chunks"
 MARKER_FILE = "cold_mirror.json"
 LOCK_FILE = ".writer.lock"

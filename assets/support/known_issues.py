@@ -30,7 +30,7 @@ def recall_known_issues(
 ) -> dict[str, list[KnownIssue]]:
     """The k most similar known issues for each message, by item key (none when memory is
     empty or cannot run: then no message can be called a duplicate, and the audit says why)."""
-    if k <= 0 or not messages:
+    if k <= 0 or not messages or not kernel.semantic_memory_written():
         return {}
     try:
         index = kernel.semantic_index()
