@@ -78,7 +78,8 @@ def _triage_answer(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_messages(folder: Path, count: int, seed: int) -> None:
+def _write_messages(folder: Path, count: int, seed: int) -> Path:
+    """A drop file of `count` messages, new ids for each seed (one new batch per round)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -94,7 +95,9 @@ def _write_messages(folder: Path, count: int, seed: int) -> None:
                 }
             )
         )
-    (folder / f"batch-{seed}.jsonl").write_text("\n".join(lines) + "\n")
+    path = folder / f"batch-{seed}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _config(root: Path, base_url: str, concurrency: int, poll_seconds: int = 30) -> Path:
@@ -165,7 +168,7 @@ def run_workflow(root: Path, base_url: str, concurrency: int) -> tuple[float, fl
     return step, run_seconds, tickets
 
 
-def run_bound(root: Path, base_url: str, concurrency: int, *, lean: bool = False) -> float:
+def run_bound(drop: Path, base_url: str, concurrency: int, *, lean: bool = False) -> float:
     """The same calls from a plain asyncio loop (AsyncOpenAI, a semaphore); wall seconds.
 
     `lean`: instead of `chat.completions.parse()`, send the schema built once and validate the
@@ -178,12 +181,7 @@ def run_bound(root: Path, base_url: str, concurrency: int, *, lean: bool = False
     from assets.support.models import Triage, TriageInput, ticket_id_for
     from assets.support.prompts import triager_prompt
 
-    lines = [
-        line
-        for path in sorted((root / "drop").glob("*.jsonl"))
-        for line in path.read_bytes().splitlines()
-        if line.strip()
-    ]
+    lines = [line for line in drop.read_bytes().splitlines() if line.strip()]
     prompts = []
     for line in lines:
         message = parse_drop_line(line, origin="bench", max_bytes=10**7)
@@ -325,6 +323,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--landing", type=int, default=3, help="landing probes (0: skip)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of bound, lean bound, workflow (medians)"
+    )
     args = parser.parse_args()
 
     from tests.fakes.openai_process import FakeOpenAIServerProcess
@@ -338,29 +339,43 @@ def main() -> None:
         FakeOpenAIServerProcess(responder, latency=args.latency, api_key=API_KEY) as remote,
     ):
         root = Path(tmp)
-        _write_messages(root / "drop", args.messages, args.seed)
         _config(root, remote.base_url, args.concurrency)
         os.environ["AIOS_CONFIG"] = str(root / "aios.yaml")
-
-        bound = run_bound(root, remote.base_url, args.concurrency)
-        lean = run_bound(root, remote.base_url, args.concurrency, lean=True)
-        calls_bound = args.messages
-        step, run_seconds, tickets = run_workflow(root, remote.base_url, args.concurrency)
-        calls_workflow = tickets
-        ideal = args.messages / args.concurrency * args.latency
         print(
             f"messages {args.messages}, latency {args.latency * 1000:.0f} ms,"
-            f" concurrency {args.concurrency}"
+            f" concurrency {args.concurrency}, {args.rounds} rounds"
         )
-        print(f"  ideal (messages / concurrency x latency):  {ideal:7.2f} s")
-        print(f"  asyncio bound, .parse() ({calls_bound} calls):     {bound:7.2f} s")
-        print(f"  asyncio bound, schema built once, same requests: {lean:7.2f} s")
-        print(f"  workflow triage step ({calls_workflow} calls):    {step:7.2f} s")
-        print(f"  workflow run (incl. staging {tickets} approvals): {run_seconds:7.2f} s")
+        ideal = args.messages / args.concurrency * args.latency
+        print(f"  ideal (messages / concurrency x latency): {ideal:.2f} s")
+        print(
+            "  round   .parse() bound   lean bound   triage step   whole run"
+            "   vs .parse()   vs lean"
+        )
+        rounds = []
+        for number in range(args.rounds):
+            drop = _write_messages(root / "drop", args.messages, args.seed + number)
+            bound = run_bound(drop, remote.base_url, args.concurrency)
+            lean = run_bound(drop, remote.base_url, args.concurrency, lean=True)
+            step, run_seconds, tickets = run_workflow(root, remote.base_url, args.concurrency)
+            assert tickets == args.messages, f"{tickets} tickets for {args.messages} messages"
+            rounds.append((bound, lean, step, run_seconds))
+            print(
+                f"  {number + 1:>5} {bound:14.2f} s {lean:10.2f} s {step:11.2f} s"
+                f" {run_seconds:9.2f} s {bound / step:11.3f}x {lean / step:7.3f}x"
+            )
+        bound, lean, step, run_seconds = (statistics.median(r[i] for r in rounds) for i in range(4))
+        print(
+            f"  median {bound:13.2f} s {lean:10.2f} s {step:11.2f} s {run_seconds:9.2f} s"
+            f" {bound / step:11.3f}x {lean / step:7.3f}x"
+        )
         for name, value in ((".parse()", bound), ("schema built once", lean)):
             ratio = value / step
             verdict = "PASS" if ratio >= 0.97 else "FAIL"
-            print(f"  triage throughput vs the {name} bound: {ratio:.3f}x (>= 0.97: {verdict})")
+            print(
+                f"  triage throughput vs the {name} bound (medians): {ratio:.3f}x"
+                f" (>= 0.97: {verdict})"
+            )
+        print(f"  (the whole run also stages {args.messages} approvals and remembers new issues)")
 
         if args.landing:  # the server in this process: its request log times the landing
             with FakeOpenAIServer(
