@@ -273,6 +273,24 @@ def test_filters_by_workflow_kind_and_date_range(index: SemanticIndex) -> None:
     assert index.search(query, k=5, workflow="nobody") == []
 
 
+def test_many_vectors_in_one_query_find_what_one_search_each_finds(index: SemanticIndex) -> None:
+    index.ingest(CORPUS)
+    queries = ["pricing this month", "customers churn seats", "reimbursement", "team seats"]
+    vectors = np.asarray(index.embedder.embed(queries))
+    each = [
+        index.search(q, k=3, mode="vector", workflow="saas", query_vector=v)
+        for q, v in zip(queries, vectors, strict=True)
+    ]
+    together = index.search_vectors(vectors, 3, workflow="saas")
+    assert [ids(hits) for hits in together] == [ids(hits) for hits in each]
+    assert all(h.workflow == "saas" for hits in together for h in hits)
+    for one, many in zip(each, together, strict=True):
+        assert [h.similarity for h in many] == pytest.approx([h.similarity for h in one])
+    assert [ids(h) for h in index.search_vectors(vectors[:1], 3, workflow="saas")] == [ids(each[0])]
+    assert index.search_vectors(vectors, 3, workflow="nobody") == [[], [], [], []]
+    assert index.search_vectors(vectors[:0], 3) == []
+
+
 def test_hybrid_finds_the_exact_code_the_vector_misses_and_the_synonym_text_misses(
     index: SemanticIndex,
 ) -> None:

@@ -860,6 +860,34 @@ class SemanticIndex:
         vector_rows, text_rows = _run(_gather(vector_leg, text_leg))
         return self._hits(mode, k, vector, vector_rows, text_rows)
 
+    def search_vectors(
+        self,
+        vectors: np.ndarray[Any, Any],
+        k: int,
+        *,
+        workflow: str | None = None,
+        kinds: Sequence[Kind] | None = None,
+    ) -> list[list[Hit]]:
+        """The k nearest chunks of each query vector (one row each), best first, in one query:
+        a flat search scans the table once for all of them, where a search per vector would
+        scan it per vector (triage recalls known issues for a chunk of messages at once)."""
+        table = self._table
+        if table is None or k <= 0 or len(vectors) == 0:
+            return [[] for _ in range(len(vectors))]
+        raw = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
+        norms = np.linalg.norm(raw, axis=1, keepdims=True)
+        matrix = (raw / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+        where = self.where_clause(workflow=workflow, kinds=kinds)
+        inner: AsyncTable = table._table
+        rows: pa.Table = _run(self._vector_query(inner, list(matrix), k, where))
+        if len(matrix) == 1:  # one vector: LanceDB adds no query_index
+            return [self._hits("vector", k, matrix[0], rows, None)]
+        positions = np.asarray(rows["query_index"].to_numpy(zero_copy_only=False))
+        return [
+            self._hits("vector", k, matrix[i], rows.filter(pa.array(positions == i)), None)
+            for i in range(len(matrix))
+        ]
+
     def _text_ready(self) -> bool:
         if not self._fts_ready and self._table is not None:
             self._fts_ready = any(i.index_type == "FTS" for i in self._table.list_indices())
@@ -887,7 +915,7 @@ class SemanticIndex:
     def _vector_query(
         self,
         inner: AsyncTable,
-        vector: np.ndarray[Any, Any],
+        vector: np.ndarray[Any, Any] | list[np.ndarray[Any, Any]],
         limit: int,
         where: str | None,
         *,

@@ -105,9 +105,10 @@ def triage_batch(
     product: str,
 ) -> TriageBatch:
     """Every message of the batch triaged, in the batch's order."""
-    known = recall_known_issues(kernel, batch.messages, step, k=known_issue_matches)
     plans = _plans(crm, kernel, sorted({m.sender for m in batch.messages}), step)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="triage") as pool:
+        # Each chunk's messages go to the model as soon as their known issues are recalled,
+        # while the next chunk is embedded here.
         futures = [
             pool.submit(
                 triage_message,
@@ -118,7 +119,10 @@ def triage_batch(
                 step,
                 product,
             )
-            for m in batch.messages
+            for chunk, known in recall_known_issues(
+                kernel, batch.messages, step, k=known_issue_matches
+            )
+            for m in chunk
         ]
         tickets = [future.result() for future in futures]
     return TriageBatch(batch_key=batch.batch_key, tickets=tickets)
