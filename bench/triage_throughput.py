@@ -137,21 +137,11 @@ def run_workflow(root: Path, base_url: str, concurrency: int) -> tuple[float, fl
     import dagster as dg
 
     import definitions
-    from resources import build_resources
+    from tests.sensor_ticks import run_requests
 
     defs: dg.Definitions = definitions.defs
-    config = root / "aios.yaml"
     with dg.instance_for_test() as instance:
-        resources = build_resources(config)
-        with dg.build_sensor_context(
-            instance=instance,
-            instance_ref=instance.get_ref(),
-            resources={"aios": resources["aios"]},
-            definitions=defs,
-        ) as context:
-            data = defs.resolve_sensor_def("customer_messages").evaluate_tick(context)
-        [request] = data.run_requests or []
-        instance.add_dynamic_partitions("support_batches", [request.partition_key or ""])
+        [request] = run_requests(defs, "customer_messages", root / "aios.yaml", instance)
         started = time.perf_counter()
         result = defs.resolve_job_def("support_triage").execute_in_process(
             instance=instance, partition_key=request.partition_key, tags=request.tags

@@ -17,10 +17,11 @@ import dagster as dg
 from aios_dagster.approvals import content_hash
 from aios_dagster.audit import StepContext
 from aios_dagster.config import SlaPolicy
-from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown, Receipt
+from aios_dagster.connectors.base import EffectRequest, Receipt
 from aios_dagster.connectors.email_smtp import OutgoingEmail, SmtpMailer
-from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
-from aios_dagster.policy.breakers import BreakerOpen
+from aios_dagster.connectors.intent_log import (
+    EFFECT_NOT_DONE,
+)
 from aios_dagster.support.tickets import Ticket
 from resources.kernel import AiosKernel
 from resources.mailer import MailerResource
@@ -95,13 +96,7 @@ def customer_sla_sensor(policy: SlaPolicy) -> dg.SensorDefinition:
                 try:
                     kernel.intents.execute(smtp, request, _sender(smtp, email), step)
                     emailed = f"emailed {config.operator.email}"
-                except (
-                    BreakerOpen,
-                    EffectFailed,
-                    OutcomeUnknown,
-                    EffectInProgress,
-                    EffectNeedsOperator,
-                ) as exc:
+                except EFFECT_NOT_DONE as exc:
                     # Not raised: the level stays where it was, so the next tick tries again
                     # (the intent log makes sure a sent email is never sent twice).
                     failed.append(f"{ticket.ticket_id}: {type(exc).__name__}: {exc}")

@@ -185,16 +185,24 @@ PG_PORT = int(os.environ.get("AIOS_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("AIOS_TEST_PG_USER", "postgres")
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh Postgres database, dropped afterwards (its sessions ended first). Without a
-    server the test is skipped with the reason printed, or fails when CI=true."""
+def pg_connect(dbname: str) -> Any:
+    """A psycopg2 connection to `dbname` on the test server."""
     import psycopg2  # type: ignore[import-untyped]
 
+    return psycopg2.connect(
+        host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname, connect_timeout=5
+    )
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """The name of a fresh, empty Postgres database, dropped afterwards (its sessions ended
+    first, and checked gone). Without a server the test is skipped with the reason printed, or
+    fails when CI=true."""
+    import psycopg2
+
     try:
-        admin = psycopg2.connect(
-            host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", connect_timeout=5
-        )
+        admin = pg_connect("postgres")
     except psycopg2.OperationalError as exc:
         reason = f"PostgreSQL is not reachable at {PG_USER}@{PG_HOST}:{PG_PORT}: {exc}".strip()
         if IN_CI:
@@ -206,7 +214,7 @@ def pg_url() -> Iterator[str]:
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+        yield name
     finally:
         with admin.cursor() as cur:
             cur.execute(
@@ -215,7 +223,15 @@ def pg_url() -> Iterator[str]:
                 (name,),
             )
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            assert cur.fetchone() is None, f"database {name} was not dropped"
         admin.close()
+
+
+@pytest.fixture
+def pg_url(pg_database: str) -> str:
+    """The SQLAlchemy URL of a fresh Postgres database (see `pg_database`)."""
+    return f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{pg_database}"
 
 
 @pytest.fixture

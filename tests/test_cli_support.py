@@ -24,9 +24,9 @@ import pytest
 from aios_dagster.cli.launch import PartitionNeeded, latest_partition
 from aios_dagster.cli.support_run import SUPPORT_TRIAGE_JOB
 from assets.support import SUPPORT_BATCHES, TRIAGE_JOB
-from resources import build_resources
 from sensors.inbound import BATCH_TAG
 from tests.conftest import REPO, write_config
+from tests.sensor_ticks import tick
 from tests.test_cli_e2e import (
     CliResult,
     Workspace,
@@ -125,19 +125,6 @@ def defs(definitions_module: ModuleType) -> dg.Definitions:
     return loaded
 
 
-def _tick(
-    defs: dg.Definitions, ws: Workspace, instance: dg.DagsterInstance
-) -> dg.SensorExecutionData:
-    """One tick of the `customer_messages` sensor, evaluated the way the daemon does."""
-    with dg.build_sensor_context(
-        instance=instance,
-        instance_ref=instance.get_ref(),
-        resources={"aios": build_resources(ws.config)["aios"]},
-        definitions=defs,
-    ) as context:
-        return defs.resolve_sensor_def(SENSOR).evaluate_tick(context)
-
-
 def test_the_cli_names_the_job_the_sensor_starts() -> None:
     assert SUPPORT_TRIAGE_JOB == TRIAGE_JOB
 
@@ -182,7 +169,7 @@ def test_support_triage_on_the_samples_then_nothing_new_then_one_batch_again(
 
     # 2. The sensor's next tick finds the CLI's messages taken: nothing to batch, no run.
     with open_instance(ws.dagster_home) as instance:
-        quiet = _tick(defs, ws, instance)
+        quiet = tick(defs, SENSOR, ws.config, instance)
     assert quiet.run_requests == []
     assert quiet.skip_message is not None and "0 new message(s)" in quiet.skip_message
 
@@ -214,7 +201,7 @@ def test_the_cli_runs_the_batch_a_sensor_tick_took_in_and_the_sensor_never_asks_
 ) -> None:
     ws = support_workspace
     with open_instance(ws.dagster_home) as instance:
-        first = _tick(defs, ws, instance)
+        first = tick(defs, SENSOR, ws.config, instance)
     [request] = first.run_requests or []
     batch = request.partition_key
     [add] = first.dynamic_partitions_requests or []
@@ -233,7 +220,7 @@ def test_the_cli_runs_the_batch_a_sensor_tick_took_in_and_the_sensor_never_asks_
     with open_instance(ws.dagster_home) as instance:
         assert SUPPORT_BATCHES.name
         assert instance.get_dynamic_partitions(SUPPORT_BATCHES.name) == [batch]
-        after = _tick(defs, ws, instance)
+        after = tick(defs, SENSOR, ws.config, instance)
     assert after.run_requests == []
 
 

@@ -11,24 +11,17 @@ reason locally, a failure when $CI is true.
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
-import sys
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI, ISSUE, REPO, write_config
+from tests.conftest import ISSUE, PG_HOST, PG_PORT, PG_USER, REPO, pg_connect, write_config
 from tests.test_cli_e2e import cli_env, run_cli, tool
 
 pytestmark = pytest.mark.postgres
 
-PG_HOST = os.environ.get("AIOS_TEST_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("AIOS_TEST_PG_PORT", "5432"))
-PG_USER = os.environ.get("AIOS_TEST_PG_USER", "postgres")
 EXAMPLE = REPO / "examples" / "dagster.postgres.yaml"
 UP_TO_APPROVAL = [
     "newsletter/sources",
@@ -38,47 +31,10 @@ UP_TO_APPROVAL = [
 ]
 
 
-def _connect(dbname: str):  # type: ignore[no-untyped-def]
-    import psycopg2  # type: ignore[import-untyped]
-
-    return psycopg2.connect(
-        host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=dbname, connect_timeout=5
-    )
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    """A fresh, empty database; dropped (with any open connection) at the end."""
-    import psycopg2
-
-    try:
-        admin = _connect("postgres")
-    except psycopg2.OperationalError as exc:
-        reason = f"PostgreSQL is not reachable at {PG_USER}@{PG_HOST}:{PG_PORT}: {exc}".strip()
-        if IN_CI:
-            pytest.fail(f"{reason} (CI must provide it for the postgres tests)")
-        print(f"SKIPPING postgres tests: {reason}", file=sys.stderr)
-        pytest.skip(reason)
-    admin.autocommit = True
-    name = f"aios_test_{secrets.token_hex(6)}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            assert cur.fetchone() is None, f"database {name} was not dropped"
-        admin.close()
-
-
-def test_run_is_stored_in_postgres_with_the_example_instance(database: str, tmp_path: Path) -> None:
+def test_run_is_stored_in_postgres_with_the_example_instance(
+    pg_database: str, tmp_path: Path
+) -> None:
+    database = pg_database
     config = write_config(tmp_path / "operator")
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -110,7 +66,7 @@ def test_run_is_stored_in_postgres_with_the_example_instance(database: str, tmp_
     assert result.returncode == 0, result.explain()
     assert "RUN_SUCCESS" in result.output, result.explain()
 
-    db = _connect(database)
+    db = pg_connect(database)
     with closing(db), db.cursor() as cur:
         cur.execute("SELECT run_id, status, partition FROM runs")
         runs = cur.fetchall()

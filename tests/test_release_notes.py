@@ -16,8 +16,8 @@ import pytest
 from aios_dagster.config import load_config
 from aios_dagster.kernel import Kernel
 from aios_dagster.support.git_log import commits_between, tags
-from resources import build_resources
 from tests.conftest import write_config
+from tests.sensor_ticks import run_requests, tick
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -61,26 +61,6 @@ def test_the_log_between_two_tags_with_the_issues_closed(repo: Path) -> None:
     assert len(commits_between(repo, None, "v1.0.0")) == 1
 
 
-def _sensor(
-    defs: dg.Definitions,
-    path: Path,
-    instance: dg.DagsterInstance,
-    name: str,
-    cursor: str | None = None,
-) -> dg.SensorExecutionData:
-    with dg.build_sensor_context(
-        instance=instance,
-        instance_ref=instance.get_ref(),
-        cursor=cursor,
-        resources={"aios": build_resources(path)["aios"]},
-        definitions=defs,
-    ) as context:
-        data = defs.resolve_sensor_def(name).evaluate_tick(context)
-    for add in data.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys or []))
-    return data
-
-
 def _run(
     defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest, job: str
 ) -> Any:
@@ -113,7 +93,7 @@ def test_a_new_tag_is_drafted_approved_and_added_to_the_changelog_once(
         defs: dg.Definitions = definitions.defs
         kernel = Kernel.build(load_config(path))
         with dg.instance_for_test() as instance:
-            first = _sensor(defs, path, instance, "release_tags")
+            first = tick(defs, "release_tags", path, instance, add_partitions=True)
             [request] = first.run_requests or []
             assert request.partition_key == request.run_key == "v1.1.0"  # only the newest
             draft = _run(defs, instance, request, "draft_release_notes").output_for_node(
@@ -129,21 +109,20 @@ def test_a_new_tag_is_drafted_approved_and_added_to_the_changelog_once(
             assert approval is not None and approval.status == "pending"
             assert not (repo / "CHANGELOG.md").exists()
 
-            again = _sensor(defs, path, instance, "release_tags", cursor=first.cursor)
+            again = tick(
+                defs, "release_tags", path, instance, cursor=first.cursor, add_partitions=True
+            )
             assert again.run_requests == []  # the same tag is never drafted twice
 
             kernel.approvals.decide(draft.approval_id, approve=True, actor="operator:test")
-            [publish] = _sensor(defs, path, instance, "approved_actions").run_requests or []
+            [publish] = run_requests(defs, "approved_actions", path, instance)
             assert publish.job_name == "publish_release_notes"
             _run(defs, instance, publish, "")
             _run(defs, instance, publish, "")
 
             _commit(repo, "fix: typo in the footer")
             _git(repo, "tag", "v1.1.1")
-            [newer] = (
-                _sensor(defs, path, instance, "release_tags", cursor=again.cursor).run_requests
-                or []
-            )
+            [newer] = run_requests(defs, "release_tags", path, instance, cursor=again.cursor)
             assert newer.partition_key == "v1.1.1"
     finally:
         sys.modules.pop("definitions", None)

@@ -19,10 +19,10 @@ from aios_dagster.connectors.deploy_webhook import DeployWebhook, RollbackReques
 from aios_dagster.kernel import Kernel
 from aios_dagster.support.tickets import Ticket
 from assets.support.rollbacks import AUTO_ACTOR, previous_release
-from resources import build_resources
 from tests.conftest import write_config
 from tests.fakes.deploy_server import FakeDeployServer
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedResponder
+from tests.sensor_ticks import run_requests
 from tests.test_telemetry import _series, _spike, _write_csv
 
 TOKEN = "deploy-token"
@@ -59,21 +59,6 @@ def _load_definitions() -> ModuleType:
     return importlib.reload(module) if module else importlib.import_module("definitions")
 
 
-def _sensor(
-    defs: dg.Definitions, path: Path, instance: dg.DagsterInstance, name: str
-) -> list[dg.RunRequest]:
-    with dg.build_sensor_context(
-        instance=instance,
-        instance_ref=instance.get_ref(),
-        resources={"aios": build_resources(path)["aios"]},
-        definitions=defs,
-    ) as context:
-        data = defs.resolve_sensor_def(name).evaluate_tick(context)
-    for add in data.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys or []))
-    return list(data.run_requests or [])
-
-
 def _run(
     defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest
 ) -> dg.ExecuteInProcessResult:
@@ -89,7 +74,7 @@ def _run(
 
 
 def _open_incident(defs: dg.Definitions, path: Path, instance: dg.DagsterInstance) -> Any:
-    [request] = _sensor(defs, path, instance, "telemetry_anomalies")
+    [request] = run_requests(defs, "telemetry_anomalies", path, instance)
     return _run(defs, instance, request).output_for_node("support__rollback_proposal")
 
 
@@ -117,7 +102,7 @@ def test_a_regression_is_proposed_for_approval_and_rolled_back_once(
             assert deploy.rollbacks == []  # nothing happens without the operator
 
             kernel.approvals.decide(outcome.approval_id, approve=True, actor="operator:test")
-            [request] = _sensor(defs, path, instance, "approved_actions")
+            [request] = run_requests(defs, "approved_actions", path, instance)
             assert request.job_name == "rollback_release"
             deploy.fail_next("drop")  # committed, then the connection is lost
             result = defs.resolve_job_def("rollback_release").execute_in_process(
@@ -191,10 +176,10 @@ def test_policy_may_roll_back_on_an_sla_breach_with_high_confidence_only(
                 assert approval is not None
                 if not breached:
                     assert approval.status == "pending" and not outcome.decided_by_policy
-                    assert _sensor(defs, path, instance, "approved_actions") == []
+                    assert run_requests(defs, "approved_actions", path, instance) == []
                     return
                 assert approval.status == "approved" and approval.decided_by == AUTO_ACTOR
-                [request] = _sensor(defs, path, instance, "approved_actions")
+                [request] = run_requests(defs, "approved_actions", path, instance)
                 _run(defs, instance, request)
         finally:
             sys.modules.pop("definitions", None)

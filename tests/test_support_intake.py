@@ -24,11 +24,11 @@ from aios_dagster.config import load_config
 from aios_dagster.inbound.inbox import InboundFolders
 from aios_dagster.kernel import Kernel
 from assets.support import MESSAGES, TRIAGE_JOB
-from resources import build_resources
 from sensors.inbound import BATCH_TAG
 from tests.conftest import REPO, write_config
 from tests.customer_mail import DROP_LINES, READABLE, fill_maildir, write_drop
 from tests.polling import wait_until
+from tests.sensor_ticks import tick
 from tests.test_cli_e2e import cli_env, make_dagster_home, tool
 
 SENSOR = "customer_messages"
@@ -58,19 +58,6 @@ def config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def _tick(
-    defs: dg.Definitions, config_path: Path, instance: dg.DagsterInstance
-) -> dg.SensorExecutionData:
-    resources = build_resources(config_path)
-    with dg.build_sensor_context(
-        instance=instance,
-        instance_ref=instance.get_ref(),
-        resources={"aios": resources["aios"]},
-        definitions=defs,
-    ) as context:
-        return defs.resolve_sensor_def(SENSOR).evaluate_tick(context)
-
-
 def test_the_sensor_asks_for_one_run_per_batch_until_a_run_takes_it(
     config_path: Path, definitions_module: ModuleType, tmp_path: Path
 ) -> None:
@@ -78,7 +65,7 @@ def test_the_sensor_asks_for_one_run_per_batch_until_a_run_takes_it(
     fill_maildir(tmp_path / "inbound" / "Maildir")
     write_drop(tmp_path / "inbound" / "drop", "export.jsonl")
     with dg.instance_for_test() as instance:
-        first = _tick(defs, config_path, instance)
+        first = tick(defs, SENSOR, config_path, instance)
         [request] = first.run_requests or []
         assert request.run_key == request.partition_key and request.run_key.startswith("batch-")
         assert request.tags[BATCH_TAG] == request.run_key
@@ -87,7 +74,7 @@ def test_the_sensor_asks_for_one_run_per_batch_until_a_run_takes_it(
 
         # Nothing new on disk, but no run has taken the batch: the same request again, which
         # Dagster drops because a run with that run key exists or is about to.
-        [again] = _tick(defs, config_path, instance).run_requests or []
+        [again] = tick(defs, SENSOR, config_path, instance).run_requests or []
         assert again.run_key == request.run_key
 
         instance.add_dynamic_partitions("support_batches", [request.partition_key or ""])
@@ -101,7 +88,7 @@ def test_the_sensor_asks_for_one_run_per_batch_until_a_run_takes_it(
         batch = result.output_for_node("support__messages")
         assert len({m.item_key for m in batch.messages}) == UNIQUE
 
-        quiet = _tick(defs, config_path, instance)
+        quiet = tick(defs, SENSOR, config_path, instance)
         assert quiet.run_requests == []
         assert quiet.skip_message is not None and "0 new message(s)" in quiet.skip_message
 
@@ -111,7 +98,7 @@ def test_the_sensor_skips_when_no_folder_is_configured(
 ) -> None:
     without_inbox = write_config(tmp_path / "plain")
     with dg.instance_for_test() as instance:
-        result = _tick(definitions_module.defs, without_inbox, instance)
+        result = tick(definitions_module.defs, SENSOR, without_inbox, instance)
     assert result.run_requests == []
     assert result.skip_message == "no support.inbox folders configured"
 

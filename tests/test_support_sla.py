@@ -15,9 +15,9 @@ import sqlalchemy as sa
 from aios_dagster.config import ConfigError, load_config, parse_config
 from aios_dagster.kernel import Kernel
 from aios_dagster.support.tickets import Ticket, TicketBook, utc_text
-from resources import build_resources
 from tests.conftest import free_port, write_config
 from tests.fakes.smtp_inbox import Inbox, recording_smtp_server
+from tests.sensor_ticks import tick
 
 OPERATOR = "operator@example.com"
 
@@ -59,11 +59,7 @@ def _ticket(ticket_id: str, severity: str, hours_ago: float, **extra: object) ->
 
 
 def _tick(defs: dg.Definitions, config_path: Path) -> str:
-    resources = build_resources(config_path)
-    with dg.build_sensor_context(
-        resources={"aios": resources["aios"], "mailer": resources["mailer"]}, definitions=defs
-    ) as context:
-        result = defs.resolve_sensor_def("support_sla").evaluate_tick(context)
+    result = tick(defs, "support_sla", config_path, resources=("aios", "mailer"))
     assert result.run_requests == []
     return result.skip_message or ""
 

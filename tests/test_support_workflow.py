@@ -31,12 +31,12 @@ from aios_dagster.connectors.payments import (
 from aios_dagster.kernel import Kernel
 from assets.support import TRIAGE_JOB
 from assets.support.models import TriageBatch, ticket_id_for
-from resources import build_resources
 from tests.conftest import free_port, write_config
 from tests.customer_mail import DROP_LINES, READABLE, fill_maildir, write_drop
 from tests.fakes.openai_server import FakeOpenAIServer, ScriptedResponder
 from tests.fakes.payments_server import FakePaymentsServer
 from tests.fakes.smtp_inbox import Inbox, recording_smtp_server
+from tests.sensor_ticks import run_requests
 
 PAYMENTS_KEY = "sk_test_support"
 PAYMENTS_ENV = "AIOS_TEST_PAYMENTS_KEY"
@@ -91,25 +91,6 @@ def config_path(
     return path
 
 
-def _context(defs: dg.Definitions, config_path: Path, instance: dg.DagsterInstance) -> Any:
-    return dg.build_sensor_context(
-        instance=instance,
-        instance_ref=instance.get_ref(),
-        resources={"aios": build_resources(config_path)["aios"]},
-        definitions=defs,
-    )
-
-
-def _run_requests(
-    defs: dg.Definitions, config_path: Path, instance: dg.DagsterInstance, sensor: str
-) -> list[dg.RunRequest]:
-    with _context(defs, config_path, instance) as context:
-        data = defs.resolve_sensor_def(sensor).evaluate_tick(context)
-    for add in data.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys or []))
-    return list(data.run_requests or [])
-
-
 def _execute(
     defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest, job: str = ""
 ) -> dg.ExecuteInProcessResult:
@@ -123,7 +104,7 @@ def _execute(
 def _triage_batch(
     defs: dg.Definitions, config_path: Path, instance: dg.DagsterInstance
 ) -> TriageBatch:
-    [request] = _run_requests(defs, config_path, instance, "customer_messages")
+    [request] = run_requests(defs, "customer_messages", config_path, instance)
     result = _execute(defs, instance, request, TRIAGE_JOB)
     batch = result.output_for_node("support__triage")
     assert isinstance(batch, TriageBatch)
@@ -173,7 +154,7 @@ def test_a_batch_is_triaged_and_every_reply_and_refund_waits_for_the_operator(
         # The operator approves Ada's reply: it is sent once, threaded to her message.
         [ada_reply] = [a for a in replies if a.partition_key == ada.ticket_id]
         kernel.approvals.decide(ada_reply.approval_id, approve=True, actor="operator:test")
-        [send] = _run_requests(defs, config_path, instance, "approved_actions")
+        [send] = run_requests(defs, "approved_actions", config_path, instance)
         assert (send.job_name, send.partition_key) == ("send_support_reply", ada.ticket_id)
         _execute(defs, instance, send)
         _execute(defs, instance, send)  # a re-run of the same approved work sends nothing more
@@ -193,7 +174,7 @@ def test_a_batch_is_triaged_and_every_reply_and_refund_waits_for_the_operator(
                 ChargeRequest(amount=90000, metadata={CUSTOMER_EMAIL_KEY: "eve@example.org"}),
             )
         kernel.approvals.decide(refund_request.approval_id, approve=True, actor="operator:test")
-        [refund_run] = _run_requests(defs, config_path, instance, "approved_actions")
+        [refund_run] = run_requests(defs, "approved_actions", config_path, instance)
         assert refund_run.job_name == "refund_customer"
         _execute(defs, instance, refund_run)
         _execute(defs, instance, refund_run)

@@ -21,8 +21,8 @@ from aios_dagster.support.telemetry import (
     detect_anomalies,
     read_telemetry,
 )
-from resources import build_resources
 from tests.conftest import write_config
+from tests.sensor_ticks import tick
 
 START = datetime(2026, 11, 20, tzinfo=UTC)
 
@@ -140,19 +140,6 @@ def config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def _tick(
-    defs: dg.Definitions, config_path: Path, instance: dg.DagsterInstance, cursor: str | None
-) -> dg.SensorExecutionData:
-    with dg.build_sensor_context(
-        instance=instance,
-        instance_ref=instance.get_ref(),
-        cursor=cursor,
-        resources={"aios": build_resources(config_path)["aios"]},
-        definitions=defs,
-    ) as context:
-        return defs.resolve_sensor_def("telemetry_anomalies").evaluate_tick(context)
-
-
 def test_the_sensor_opens_each_incident_once_and_remembers_it(
     config_path: Path, definitions_module: ModuleType, kernel: Kernel, tmp_path: Path
 ) -> None:
@@ -160,7 +147,7 @@ def test_the_sensor_opens_each_incident_once_and_remembers_it(
     points = [*_series(30), _spike(30, errors=60)]
     _write_csv(tmp_path / "telemetry.csv", points)
     with dg.instance_for_test() as instance:
-        first = _tick(defs, config_path, instance, None)
+        first = tick(defs, "telemetry_anomalies", config_path, instance, cursor=None)
         [request] = first.run_requests or []
         assert request.run_key == request.partition_key == "errors-v1.5.0-20261121T0600"
         instance.add_dynamic_partitions("support_incidents", [request.partition_key or ""])
@@ -174,15 +161,20 @@ def test_the_sensor_opens_each_incident_once_and_remembers_it(
         opened = result.output_for_node("support__incident")
         assert opened.anomaly.value == 60 and opened.remembered
 
-        quiet = _tick(defs, config_path, instance, first.cursor)
+        quiet = tick(defs, "telemetry_anomalies", config_path, instance, cursor=first.cursor)
         assert quiet.run_requests == [] and "no anomaly" in (quiet.skip_message or "")
         _write_csv(tmp_path / "telemetry.csv", [*points, _spike(31, errors=11)])
-        calm = _tick(defs, config_path, instance, quiet.cursor)
+        calm = tick(defs, "telemetry_anomalies", config_path, instance, cursor=quiet.cursor)
         assert calm.run_requests == []
         _write_csv(
             tmp_path / "telemetry.csv", [*points, _spike(31, errors=11), _spike(32, latency_ms=900)]
         )
-        [again] = _tick(defs, config_path, instance, calm.cursor).run_requests or []
+        [again] = (
+            tick(
+                defs, "telemetry_anomalies", config_path, instance, cursor=calm.cursor
+            ).run_requests
+            or []
+        )
         assert again.run_key == "latency-ms-v1.5.0-20261121T0800"
 
     hits = kernel.semantic_index().search("errors up in release v1.5.0", k=3, kinds=["issue"])

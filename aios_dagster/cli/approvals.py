@@ -25,6 +25,9 @@ ActorOption = Annotated[
     str | None,
     typer.Option("--as", help="Who decides (default: the operator's email from the config)."),
 ]
+PublishOption = Annotated[
+    bool, typer.Option("--publish", help="Run the approved action now, without the daemon.")
+]
 
 
 def _actor(kernel: Kernel, given: str | None) -> str:
@@ -192,12 +195,22 @@ def _publish(kernel: Kernel, approval_id: str) -> None:
     console.print(f"  run: {result.run_id}")
 
 
+def _publish_or_explain(kernel: Kernel, approval_id: str, *, publish: bool) -> None:
+    """Run the approved action now, or say who will (the sensor) and how to do it by hand."""
+    if publish:
+        _publish(kernel, approval_id)
+        return
+    console.print(
+        "The approvals sensor will run it when the Dagster daemon is up "
+        f"(or run: aios approvals publish {approval_id}).",
+        soft_wrap=True,
+    )
+
+
 @app.command("approve")
 def approve(
     approval_id: Annotated[str, typer.Argument(help="Id or unique prefix.")],
-    publish: Annotated[
-        bool, typer.Option("--publish", help="Run the approved action now, without the daemon.")
-    ] = False,
+    publish: PublishOption = False,
     actor: ActorOption = None,
     expected_hash: Annotated[
         str | None,
@@ -208,13 +221,7 @@ def approve(
     kernel, decided_id = _decide(
         approval_id, approve=True, actor=actor, reason=None, expected_hash=expected_hash
     )
-    if publish:
-        _publish(kernel, decided_id)
-    else:
-        console.print(
-            "The approvals sensor will run it when the Dagster daemon is up "
-            f"(or run: aios approvals publish {decided_id})."
-        )
+    _publish_or_explain(kernel, decided_id, publish=publish)
 
 
 @app.command("reject")
@@ -237,9 +244,7 @@ def edit(
         ),
     ] = None,
     note: Annotated[str | None, typer.Option(help="What you changed (kept in the audit).")] = None,
-    publish: Annotated[
-        bool, typer.Option("--publish", help="Run the approved action now, without the daemon.")
-    ] = False,
+    publish: PublishOption = False,
     actor: ActorOption = None,
     expected_hash: Annotated[
         str | None,
@@ -286,14 +291,7 @@ def edit(
         markup=False,
         soft_wrap=True,
     )
-    if publish:
-        _publish(kernel, approved.approval_id)
-    else:
-        console.print(
-            "The approvals sensor will run it when the Dagster daemon is up "
-            f"(or run: aios approvals publish {approved.approval_id}).",
-            soft_wrap=True,
-        )
+    _publish_or_explain(kernel, approved.approval_id, publish=publish)
 
 
 @app.command("publish")

@@ -39,6 +39,7 @@ from aios_dagster.connectors.base import (
     EffectFailed,
     EffectRequest,
     OutcomeUnknowable,
+    OutcomeUnknown,
     Receipt,
 )
 from aios_dagster.crashpoints import crash_point
@@ -167,6 +168,17 @@ class CompensationRefused(RuntimeError):
 
 class EffectInProgress(RuntimeError):
     """Another live process holds this effect; try again later."""
+
+
+EFFECT_NOT_DONE: tuple[type[BaseException], ...] = (
+    BreakerOpen,
+    EffectFailed,
+    OutcomeUnknown,
+    EffectInProgress,
+    EffectNeedsOperator,
+)
+"""What `IntentLog.execute` raises when an effect did not (or may not) happen this time: the
+intent log keeps its state, so whoever catches these can simply try again later."""
 
 
 def classify_connector_error(exc: BaseException) -> Classification:

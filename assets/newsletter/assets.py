@@ -21,13 +21,14 @@ from aios_dagster.agents import AgentRole, BudgetPaused, StepResult
 from aios_dagster.approvals import APPROVAL_TAG, ApprovalCost, NotAuthorized, StagedPayload
 from aios_dagster.audit import StepContext
 from aios_dagster.config import AiosConfig, ConfigError
-from aios_dagster.connectors.base import EffectFailed, EffectRequest, OutcomeUnknown
-from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
+from aios_dagster.connectors.base import EffectRequest
+from aios_dagster.connectors.intent_log import (
+    EFFECT_NOT_DONE,
+)
 from aios_dagster.kernel import Kernel
 from aios_dagster.memory.embeddings import EmbeddingError
 from aios_dagster.memory.recall import RetrievalPolicy
 from aios_dagster.memory.working_set import EntryTooLarge
-from aios_dagster.policy.breakers import BreakerOpen
 from aios_dagster.sources.items import SourceItem
 from assets.newsletter.editorial_qa import review_issue
 from assets.newsletter.feedback import AudienceFeedback, load_feedback
@@ -711,13 +712,7 @@ def published_issue(
             mailer=mailer.mailer(),
             context=_step(context, PUBLISHED_ISSUE),
         )
-    except (
-        BreakerOpen,
-        EffectFailed,
-        OutcomeUnknown,
-        EffectInProgress,
-        EffectNeedsOperator,
-    ) as exc:
+    except EFFECT_NOT_DONE as exc:
         # The site connector already retried what was transient (or its breaker is open):
         # a step retry would stack on that. The intent log keeps the effect's state, so
         # re-running the job later continues exactly where this stopped.

@@ -15,16 +15,14 @@ import dagster as dg
 from aios_dagster.approvals import APPROVAL_TAG, Approval, NotAuthorized, StagedPayload
 from aios_dagster.audit import StepContext
 from aios_dagster.config import AiosConfig
-from aios_dagster.connectors.base import Connector, EffectFailed, OutcomeUnknown
-from aios_dagster.connectors.intent_log import EffectInProgress, EffectNeedsOperator
+from aios_dagster.connectors.base import Connector
+from aios_dagster.connectors.intent_log import (
+    EFFECT_NOT_DONE,
+)
 from aios_dagster.connectors.registry import close_all, configured_connectors
 from aios_dagster.kernel import Kernel
-from aios_dagster.policy.breakers import BreakerOpen
 
 ConnectorT = TypeVar("ConnectorT", bound=Connector)
-
-EFFECT_NOT_DONE = (BreakerOpen, EffectFailed, OutcomeUnknown, EffectInProgress, EffectNeedsOperator)
-"""What the intent log raises when an effect did not (or may not) happen this time."""
 
 
 def step_context(context: dg.AssetExecutionContext, workflow: str, key: dg.AssetKey) -> StepContext:

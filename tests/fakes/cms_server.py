@@ -185,7 +185,7 @@ class _Handler(TrackedHandler):
         self._route(self._read_json())
 
     def do_DELETE(self) -> None:  # noqa: N802 - http.server dispatches on this name
-        self._read_body()
+        self.read_body()
         self._route(None)
 
     def _route(self, body: JSONObject | None) -> None:
@@ -284,12 +284,8 @@ class _Handler(TrackedHandler):
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _read_body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
-
     def _read_json(self) -> JSONObject | None:
-        raw = self._read_body()
+        raw = self.read_body()
         try:
             body = json.loads(raw) if raw else None
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -297,18 +293,9 @@ class _Handler(TrackedHandler):
         return body if isinstance(body, dict) else None
 
     def _send(self, record: RecordedRequest, status: int, payload: JSONObject) -> None:
-        data = b"" if status == 204 else json.dumps(payload).encode()
         record.status = status
         record.response = payload
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            self.wfile.flush()
-        except OSError:
-            self.close_connection = True
+        if not self.send_json(status, payload, content_type="application/json; charset=utf-8"):
             record.status = None
             record.response = None
 

@@ -99,8 +99,7 @@ class _Handler(TrackedHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server dispatches on this name
         fake: FakeCrmServer = self.server.fake
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length > 0 else b""
+        raw = self.read_body()
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
@@ -174,19 +173,8 @@ class _Handler(TrackedHandler):
         payload: JSONObject,
         headers: dict[str, str] | None = None,
     ) -> None:
-        data = json.dumps(payload).encode()
         record.status = status
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-            self.wfile.flush()
-        except OSError:
-            self.close_connection = True
+        if not self.send_json(status, payload, headers):
             record.status = None
 
 

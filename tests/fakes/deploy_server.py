@@ -37,17 +37,7 @@ class _Handler(TrackedHandler):
     def _send(
         self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
     ) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            self.close_connection = True
+        self.send_json(status, payload, headers)
 
     def _authorized(self) -> bool:
         fake: FakeDeployServer = self.server.fake
@@ -75,8 +65,7 @@ class _Handler(TrackedHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server dispatches on this name
         fake: FakeDeployServer = self.server.fake
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length > 0 else b""
+        raw = self.read_body()
         if not self._authorized():
             return
         if urlsplit(self.path).path != "/v1/rollbacks":

@@ -12,6 +12,7 @@ A fake subclasses `LocalHTTPFake`, names its request handler class, and makes th
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import sys
 import threading
@@ -63,6 +64,36 @@ class TrackedHandler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             super().finish()
         self.server.fake._untrack(self.connection)
+
+    def read_body(self) -> bytes:
+        """The request's body, as long as its Content-Length says."""
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def send_json(
+        self,
+        status: int,
+        payload: object,
+        headers: dict[str, str] | None = None,
+        *,
+        content_type: str = "application/json",
+    ) -> bool:
+        """Answer with `payload` as JSON (no body for 204); False when the client was gone
+        (the connection is then closed), so the fake records that no answer arrived."""
+        data = b"" if status == 204 else json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+            return False
+        return True
 
 
 class LocalHTTPFake:

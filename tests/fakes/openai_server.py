@@ -408,7 +408,7 @@ class _Handler(TrackedHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server dispatches on this name
         path = urlsplit(self.path).path.rstrip("/")
-        raw = self._read_body()
+        raw = self.read_body()
         try:
             body = json.loads(raw) if raw else None
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -548,10 +548,6 @@ class _Handler(TrackedHandler):
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _read_body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
-
     def _recorded(self, body: JSONObject | None) -> RecordedRequest:
         return RecordedRequest(
             method=self.command,
@@ -577,22 +573,13 @@ class _Handler(TrackedHandler):
         payload: JSONObject,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        data = json.dumps(payload).encode()
         # Recorded before the bytes go out, so a client that has its answer sees it recorded.
         record.status = status
         record.response = payload
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("x-request-id", f"req_fake_{id(record):x}")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-            self.wfile.flush()
-        except OSError:
-            self.close_connection = True  # the client is gone (timed out): nothing answered
+        sent = self.send_json(
+            status, payload, {"x-request-id": f"req_fake_{id(record):x}", **(headers or {})}
+        )
+        if not sent:  # the client is gone (timed out): nothing answered
             record.status = None
             record.response = None
 

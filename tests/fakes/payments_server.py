@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 import re
 import socket
 import threading
@@ -152,8 +151,7 @@ class _Handler(TrackedHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server dispatches on this name
         fake: FakePaymentsServer = self.server.fake
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length > 0 else b""
+        raw = self.read_body()
         form = parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
         record = fake._record(self._recorded(form))
         api_key = self._api_key(record)
@@ -257,21 +255,12 @@ class _Handler(TrackedHandler):
         payload: JSONObject,
         headers: dict[str, str] | None = None,
     ) -> None:
-        data = json.dumps(payload).encode()
         record.status = status
         record.response = payload
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Request-Id", f"req_fake{id(record):x}")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-            self.wfile.flush()
-        except OSError:
-            self.close_connection = True
+        sent = self.send_json(
+            status, payload, {"Request-Id": f"req_fake{id(record):x}", **(headers or {})}
+        )
+        if not sent:
             record.status = None
             record.response = None
 
